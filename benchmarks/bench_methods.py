@@ -1,0 +1,146 @@
+"""Time octav, mse_sweep and percentile on BERT-Base-shaped tensors against plain NumPy (Appendix F).
+
+The NumPy reference is what the paper timed: 10 iterations of eq. (6) from s_1 = sum|x|/#nonzero,
+and a 100-point sweep evaluating eq. (1) in a loop, both on the same runtime grid. Each figure is the
+median of --repeat runs measured in this process, so ratios compare like with like on one machine.
+
+    python benchmarks/bench_methods.py [--bits 4] [--repeat 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import octavcal
+
+SHAPES = [  # (name, shape, axis kept: 0 = per output feature, None = per tensor)
+    ("weight 768x768", (768, 768), 0),
+    ("weight 3072x768", (3072, 768), 0),
+    ("weight 768x3072", (768, 3072), 0),
+    ("activation (4*384)x768", (4 * 384, 768), None),
+    ("activation (4*384)x3072", (4 * 384, 3072), None),
+    ("attention probs 4x12x384x384", (4, 12, 384, 384), None),
+]
+
+
+def numpy_octav(x: np.ndarray, c: float, per_row: bool, iterations: int = 10) -> np.ndarray:
+    """Appendix F's baseline: a plain NumPy transcription of eq. (6), 10 iterations."""
+    a = np.abs(x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1))
+    s = a.sum(axis=1) / (a > 0).sum(axis=1)
+    for _ in range(iterations):
+        above = a > s[:, None]
+        inside = (a > 0) & ~above
+        s = (a * above).sum(axis=1) / (c * inside.sum(axis=1) + above.sum(axis=1))
+    return s
+
+
+def numpy_sweep(x: np.ndarray, qmax: int, per_row: bool, points: int = 100) -> np.ndarray:
+    """Appendix E.3's 100-point sweep as a plain loop: quantize, measure MSE, keep the best."""
+    a = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    smax = np.abs(a).max(axis=1)
+    best, best_mse = smax.copy(), np.full(a.shape[0], np.inf)
+    for k in range(1, points + 1):
+        s = (k / points * smax)[:, None]
+        q = np.clip(np.round(a / s * qmax), -qmax, qmax) * s / qmax
+        mse = ((q - a) ** 2).mean(axis=1)
+        better = mse < best_mse
+        best[better], best_mse[better] = s[better, 0], mse[better]
+    return best
+
+
+def float64_octav(x: torch.Tensor, c: float, axis: int | None) -> np.ndarray:
+    """The exact fixed point of eq. (6) in float64, found by sorting instead of iterating.
+
+    With the m non-zero magnitudes sorted descending and k of them above s, the recursion's map is
+    constant, S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the one value that lands
+    in its own interval. Where none does, h(s) = c s (m - k) - (S_k - s k) jumps over zero at a data
+    point (Appendix B's point mass) and that point is the answer.
+    """
+    a = np.abs((x.reshape(1, -1) if axis is None else x.reshape(x.shape[0], -1)).double().numpy())
+    out = []
+    for row in a:
+        v = np.sort(row[row > 0])[::-1]
+        m = v.size
+        k = np.arange(m + 1, dtype=np.float64)
+        s_k = np.concatenate([[0.0], np.cumsum(v)])
+        root = s_k / (c * (m - k) + k)
+        upper = np.concatenate([[np.inf], v])
+        lower = np.concatenate([v, [0.0]])
+        fixed = np.flatnonzero((root >= lower) & (root < upper))
+        if fixed.size:
+            out.append(root[fixed[0]])
+            continue
+        j = np.arange(1, m + 1, dtype=np.float64)
+        left = c * v * (m - j) - (s_k[1:] - v * j)  # just below v_j: j values above
+        at = c * v * (m - j + 1) - (s_k[:-1] - v * (j - 1))  # at v_j: j - 1 values above
+        out.append(v[np.flatnonzero((left < 0) & (at >= 0))[0]])
+    return np.array(out)
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up, as Appendix F times steady state
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sweep-repeat", type=int, default=1, help="the NumPy sweep takes seconds per run")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    grid = octavcal.Grid(args.bits, signed=True)
+    gen = torch.Generator().manual_seed(0)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, numpy {np.__version__}, bits {args.bits}, median of {args.repeat}")
+    header = (f"{'tensor':30} {'octav ms':>9} {'numpy':>9} {'ratio':>6} {'iters':>5} {'rel.err':>8} "
+              f"{'sweep ms':>9} {'numpy':>9} {'ratio':>6} {'p99.99 ms':>9}")
+    print(header)
+    rows = []
+    for name, shape, axis in SHAPES:
+        x = torch.randn(shape, generator=gen)
+        if axis is None and "probs" in name:
+            x = torch.softmax(x * 3, dim=-1)
+        xn = x.numpy()
+        per_row = axis is not None
+        t_octav = median_time(lambda: octavcal.octav(x, args.bits, signed=True, axis=axis), args.repeat)
+        t_np_octav = median_time(lambda: numpy_octav(xn, grid.noise_coefficient, per_row), args.repeat)
+        result = octavcal.octav(x, args.bits, signed=True, axis=axis, return_iterations=True)
+        ref = float64_octav(x, grid.noise_coefficient, axis)
+        rel_err = float(np.abs(result.amax.double().reshape(-1).numpy() / ref - 1).max())
+        t_sweep = median_time(lambda: octavcal.mse_sweep(x, args.bits, signed=True, axis=axis), args.sweep_repeat)
+        t_np_sweep = median_time(lambda: numpy_sweep(xn, grid.qmax, per_row), args.sweep_repeat)
+        t_pct = median_time(lambda: octavcal.percentile(x, 99.99, axis=axis), args.repeat)
+        row = {
+            "tensor": name, "granularity": "per-channel" if per_row else "per-tensor",
+            "octav_ms": t_octav * 1e3, "numpy_octav_ms": t_np_octav * 1e3,
+            "octav_speedup": t_np_octav / t_octav, "octav_iterations_max": int(result.iterations.max()),
+            "octav_rel_err_vs_float64": rel_err,
+            "sweep_ms": t_sweep * 1e3, "numpy_sweep_ms": t_np_sweep * 1e3, "sweep_speedup": t_np_sweep / t_sweep,
+            "percentile_ms": t_pct * 1e3,
+        }
+        rows.append(row)
+        print(f"{name:30} {row['octav_ms']:9.1f} {row['numpy_octav_ms']:9.1f} {row['octav_speedup']:5.1f}x "
+              f"{row['octav_iterations_max']:5d} {rel_err:8.1e} {row['sweep_ms']:9.1f} "
+              f"{row['numpy_sweep_ms']:9.1f} {row['sweep_speedup']:5.1f}x {row['percentile_ms']:9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bits": args.bits, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""octavcal: exact, fast clipping scalars (OCTAV, MSE sweep, percentiles, max) for quantization."""
+
+from .errors import CalibrationError, DataError, LoadError, OctavcalError, OctavcalWarning, ScaleFileError, SpecError
+from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
+from .methods import (
+    Method,
+    OctavResult,
+    analytic_mse,
+    compute_amax,
+    max_scaling,
+    mse_sweep,
+    octav,
+    parse_method,
+    parse_methods,
+    percentile,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "DataError",
+    "Grid",
+    "LoadError",
+    "Method",
+    "OctavResult",
+    "OctavcalError",
+    "OctavcalWarning",
+    "ScaleFileError",
+    "SpecError",
+    "__version__",
+    "analytic_mse",
+    "compute_amax",
+    "fake_quantize",
+    "max_scaling",
+    "mse_sweep",
+    "octav",
+    "parse_method",
+    "parse_methods",
+    "percentile",
+    "quant_mse",
+    "scale_from_amax",
+]

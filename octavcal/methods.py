@@ -1,0 +1,497 @@
+"""Pure clipping-scalar methods (OCTAV, MSE sweep, percentiles, max) and the method-name parser.
+
+Every method takes a tensor and returns ``amax`` of shape [] (``axis=None``) or [C] (one per index
+along ``axis``, computed for all channels at once). No I/O, no printing, no device moves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from .errors import SpecError
+from .grid import AMAX_OF_ZEROS, Convention, Grid, check_bits, check_finite, check_tensor, rows_from
+
+# Per-tensor OCTAV on more elements than this first solves a strided subsample, for a warm start.
+_WARM_START_MIN = 1 << 17
+_WARM_START_SAMPLE = 1 << 14
+# The MSE sweep works on blocks of about this many elements per candidate, to stay in cache.
+_SWEEP_BLOCK = 1 << 13
+# OCTAV's passes work on blocks of this many elements, reusing one cache-sized buffer.
+_BLOCK = 1 << 20
+# Rows this long stop on OCTAV's contraction estimate; shorter ones when a step is below tol.
+_SMOOTH_ROW = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared preparation
+
+
+def resolve_signed(x: torch.Tensor, signed: bool | None) -> bool:
+    """``signed=None`` means: unsigned when every element is >= 0 (e.g. after ReLU)."""
+    if signed is None:
+        return bool(x.min() < 0)
+    return bool(signed)
+
+
+def _magnitudes(x: torch.Tensor, signed: bool, axis: int | None) -> torch.Tensor:
+    """(rows, n) of the values the clipping scalar bounds: |x| when signed, max(x, 0) when not.
+
+    Negative values on an unsigned grid are clipped to 0 whatever s is, so they never move s*.
+    """
+    rows = rows_from(x, axis)
+    return rows.abs() if signed else rows.clamp(min=0)
+
+
+def _finish(amax_rows: torch.Tensor, smax_rows: torch.Tensor, axis: int | None, x: torch.Tensor) -> torch.Tensor:
+    """Replace amax 0 (never a valid runtime scale) and shape the result [] or [C].
+
+    All-zero slice -> AMAX_OF_ZEROS; a slice whose method answered 0 (say, a percentile that falls
+    on zeros) -> its max, i.e. no clipping.
+    """
+    fallback = torch.where(smax_rows > 0, smax_rows, torch.full_like(smax_rows, AMAX_OF_ZEROS))
+    amax_rows = torch.where(amax_rows > 0, amax_rows, fallback)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    amax_rows = amax_rows.to(out_dtype)
+    return amax_rows.reshape(()) if axis is None else amax_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# OCTAV (Corollary 3.2, eq. 6; Appendix A for unsigned data)
+
+
+class OctavResult(NamedTuple):
+    amax: torch.Tensor
+    iterations: torch.Tensor  # int64, same shape as amax
+
+
+def _blocks(rows: int, n: int) -> list[tuple[slice, slice]]:
+    """Cache-sized (row, column) blocks covering a (rows, n) tensor, about _BLOCK elements each."""
+    if n >= _BLOCK:
+        return [(slice(r, r + 1), slice(c, c + _BLOCK)) for r in range(rows) for c in range(0, n, _BLOCK)]
+    step = _BLOCK // n
+    return [(slice(r, r + step), slice(0, n)) for r in range(0, rows, step)]
+
+
+def _magnitude_into(block: torch.Tensor, signed: bool, out: torch.Tensor) -> torch.Tensor:
+    """|x| (signed grid) or max(x, 0) (unsigned: negatives clip to 0 whatever s is) into ``out``."""
+    return torch.abs(block, out=out) if signed else torch.clamp(block, min=0, out=out)
+
+
+class _Stats(NamedTuple):
+    smax: torch.Tensor  # (R,) largest magnitude
+    total: torch.Tensor  # (R,) sum of magnitudes
+    nnz: torch.Tensor  # (R,) count of non-zero magnitudes
+
+
+def _magnitude_stats(x: torch.Tensor, signed: bool, work: torch.Tensor) -> _Stats:
+    """One blocked pass over rows ``x`` (R, n): max, sum and non-zero count of the magnitudes."""
+    rows = x.shape[0]
+    smax = torch.zeros(rows, dtype=torch.float64, device=x.device)
+    total, nnz = torch.zeros_like(smax), torch.zeros_like(smax)
+    for r, c in _blocks(*x.shape):
+        blk = x[r, c]
+        mag = _magnitude_into(blk, signed, work[: blk.shape[0], : blk.shape[1]])
+        smax[r] = torch.maximum(smax[r], mag.amax(dim=1).double())
+        total[r] += mag.sum(dim=1).double()
+        nnz[r] += mag.sign_().sum(dim=1).double()
+    return _Stats(smax, total, nnz)
+
+
+def _excess_and_count(
+    x: torch.Tensor, signed: bool, s: torch.Tensor, work: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: E = sum(max(m - s, 0)) and N1 = #(m > s) for magnitudes m of rows ``x`` (R, n).
+
+    (R, n), (R,) -> (R,), (R,). S1 = E + s N1 then follows without cancellation. Clamp, sign and
+    sum are vectorized kernels (masked selection and ``where`` cost several times more on CPU);
+    blocks stay in cache and their sums are accumulated in float64.
+    """
+    excess = torch.zeros_like(s)
+    count = torch.zeros_like(s)
+    s_work = s.to(x.dtype if x.dtype == torch.float64 else torch.float32)
+    for r, c in _blocks(*x.shape):
+        blk = x[r, c]
+        mag = _magnitude_into(blk, signed, work[: blk.shape[0], : blk.shape[1]])
+        mag.sub_(s_work[r, None]).clamp_(min=0)
+        excess[r] += mag.sum(dim=1).double()
+        count[r] += mag.sign_().sum(dim=1).double()
+    return excess, count
+
+
+def _smallest_above(x: torch.Tensor, signed: bool, lo: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Per row: the smallest magnitude strictly above ``lo`` (inf if none). (R, n), (R,) -> (R,)."""
+    best = torch.full_like(lo, math.inf)
+    lo_work = lo.to(work.dtype)
+    for r, c in _blocks(*x.shape):
+        blk = x[r, c]
+        mag = _magnitude_into(blk, signed, work[: blk.shape[0], : blk.shape[1]])
+        mag = torch.where(mag > lo_work[r, None], mag, math.inf)
+        best[r] = torch.minimum(best[r], mag.amin(dim=1).double())
+    return best
+
+
+def _octav_rows(
+    x: torch.Tensor,
+    signed: bool,
+    c: float,
+    s: torch.Tensor,
+    stats: _Stats,
+    *,
+    tol: float,
+    max_iter: int,
+    iterations: int | None,
+) -> OctavResult:
+    """Solve eq. (6) for every row of ``x`` (R, n) from initial guesses ``s`` (R,).
+
+    With E(s) = sum(max(m - s, 0)) and N1, N0 the counts above s and in (0, s], the iterate of eq. (6)
+    is s <- (E + s N1) / (c N0 + N1): the Newton step towards the root of h(s) = c s N0 - E, which
+    increases strictly in s. So each evaluation also brackets the root, and an iterate that leaves
+    the bracket (point masses, Appendix B) is replaced by bisection. ``iterations`` runs the literal
+    recursion that many times, unguarded, as the paper does.
+    """
+    rows, n = x.shape
+    work = torch.empty(min(rows, max(1, _BLOCK // n)), min(n, _BLOCK),
+                       dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    # Per-row bookkeeping is a handful of length-R vectors: NumPy on the host does it in
+    # microseconds, where each tiny torch op would cost more than a pass over a small tensor.
+    nnz, hi = stats.nnz.cpu().numpy(), stats.smax.cpu().numpy().copy()
+    lo = np.zeros(rows)
+    above_lo, above_hi = nnz.copy(), np.zeros(rows)  # N1 at the bracket's ends
+    map_lo, map_hi = stats.total.cpu().numpy() / np.maximum(nnz, 1), np.zeros(rows)  # eq. (6) there
+    done = nnz == 0
+    s = np.where(done, hi, s.cpu().numpy())
+    counts = np.zeros(rows, dtype=np.int64)
+    prev_step = np.full(rows, np.inf)
+    # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
+    smooth = n >= _SMOOTH_ROW
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(iterations if iterations is not None else max_iter):
+            active = np.flatnonzero(~done)
+            # Finished channels drop out: later iterations read only the few rows still moving.
+            x_active = x if active.size == rows else x.index_select(0, torch.from_numpy(active).to(x.device))
+            excess, above = np.zeros(rows), np.zeros(rows)
+            sub_excess, sub_above = _excess_and_count(
+                x_active, signed, torch.from_numpy(s[active]).to(x.device), work)
+            excess[active], above[active] = sub_excess.cpu().numpy(), sub_above.cpu().numpy()
+            inside_count = nnz - above
+            newton = (excess + s * above) / np.where(done, 1.0, c * inside_count + above)
+            counts += ~done
+            if iterations is not None:
+                s = np.where(done, s, newton)
+                continue
+            step = np.abs(newton - s)
+            # Near the root (on long rows) the recursion contracts linearly with ratio r = step /
+            # previous step, so the distance left is at most step r / (1 - r): stop once within tol.
+            ratio = step / prev_step
+            converged = (step <= tol * newton) | (
+                smooth & np.isfinite(prev_step) & (ratio < 0.5) & (step * ratio / (1 - ratio) <= tol * newton))
+            prev_step = step
+            below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
+            upper = ~done & ~below
+            lo, above_lo, map_lo = np.where(below, s, lo), np.where(below, above, above_lo), np.where(below, newton, map_lo)
+            hi, above_hi, map_hi = np.where(upper, s, hi), np.where(upper, above, above_hi), np.where(upper, newton, map_hi)
+            inside = (newton > lo) & (newton < hi)
+            nxt = np.where(inside | converged, newton, 0.5 * (lo + hi))
+            # One data point v left in (lo, hi]: the map is constant on [lo, v) and on [v, hi], so the
+            # root is its value on one side if that lands there, else h jumps over zero at v itself
+            # (Appendix B's point of positive mass, where the recursion would cycle). Finish exactly.
+            single = ~done & ~converged & (above_lo - above_hi == 1)
+            if single.any():
+                which = np.flatnonzero(single)
+                idx = torch.from_numpy(which).to(x.device)
+                v = _smallest_above(
+                    x.index_select(0, idx), signed, torch.from_numpy(lo[which]).to(x.device), work).cpu().numpy()
+                nxt[which] = np.where(map_lo[which] < v, map_lo[which],
+                                      np.where(map_hi[which] >= v, map_hi[which], v))
+            # A collapsed bracket means the root sits on a point mass at hi: take hi.
+            collapsed = ~converged & ~single & (hi - lo <= tol * hi)
+            nxt = np.where(collapsed, hi, nxt)
+            s = np.where(done, s, nxt)
+            done = done | converged | collapsed | single
+            if done.all():
+                break
+    return OctavResult(torch.from_numpy(s).to(x.device), torch.from_numpy(counts).to(x.device))
+
+
+def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: torch.Tensor) -> torch.Tensor:
+    """Initial guesses from OCTAV on a strided subsample of about 16K values; channels are pooled
+    after dividing each by its mean magnitude (channels of a tensor share a shape, not a scale)."""
+    rows, n = x.shape
+    step = max(1, (rows * n) // _WARM_START_SAMPLE) | 1
+    while step % 3 == 0:  # a stride coprime with 2 and 3 visits every feature of (tokens, features)
+        step += 2
+    per_row = max(1, _WARM_START_SAMPLE // rows)
+    sample = x.reshape(1, -1)[:, ::step] if rows == 1 else x[:, :: max(1, n // per_row)]
+    sample = (sample.abs() if signed else sample.clamp(min=0)).to(mean.dtype)
+    pooled = (sample if rows == 1 else sample / mean[:, None]).reshape(1, -1)
+    stats = _magnitude_stats(pooled, True, torch.empty_like(pooled))
+    p_mean = stats.total / stats.nnz
+    solved = _octav_rows(pooled, True, c, p_mean, stats, tol=1e-3, max_iter=50, iterations=None).amax
+    return solved * (mean / p_mean if rows == 1 else mean)
+
+
+def octav(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    signed: bool | None = None,
+    axis: int | None = None,
+    convention: Convention = "runtime",
+    init: Literal["auto", "paper"] | float | torch.Tensor = "auto",
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    iterations: int | None = None,
+    return_iterations: bool = False,
+) -> torch.Tensor | OctavResult:
+    """Compute the MSE-optimal clipping scalar by OCTAV (Corollary 3.2, eq. 6; Appendix A).
+
+    Minimizes J(s) = c s^2 E[1{0<|x|<=s}] + E[(|x|-s)^2 1{|x|>s}] (eq. 12, zeros excluded from the
+    noise term) with c = (step/amax)^2/12 of the grid: 1/(12 qmax^2) (``runtime``), 4^-B/3 signed or
+    4^-B/12 unsigned (``paper``). Iterates until an update moves s by at most ``tol`` (relative);
+    ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
+    (the paper's s_1); "auto" starts from OCTAV on a 16K-value subsample when the tensor is large; a
+    number or a [C] tensor is used as given.
+    Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> amax 100;
+    a unit Gaussian -> amax about 2.49.
+    Returns amax ([] or [C]); with ``return_iterations`` an ``OctavResult(amax, iterations)``.
+    """
+    check_bits(bits)
+    check_tensor(x, "Tensor passed to octav", finite=False)
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                   or iterations < 1):
+        raise SpecError(f"iterations must be a positive integer or None: got {iterations!r}.")
+    signed = resolve_signed(x, signed)
+    c = Grid(bits, signed, convention).noise_coefficient
+    rows = rows_from(x, axis)
+    work = torch.empty(min(rows.shape[0], max(1, _BLOCK // rows.shape[1])), min(rows.shape[1], _BLOCK),
+                       dtype=rows.dtype, device=rows.device)
+    stats = _magnitude_stats(rows, signed, work)
+    check_finite(stats.smax, x, "Tensor passed to octav")
+    if isinstance(init, str):
+        if init not in ("auto", "paper"):
+            raise SpecError(f"init must be 'auto', 'paper' or a number: got {init!r}.")
+        s0 = stats.total / stats.nnz.clamp(min=1)
+        if (init == "auto" and iterations is None and rows.numel() >= _WARM_START_MIN
+                and bool((stats.nnz > 0).all())):
+            s0 = _octav_warm_start(rows, signed, c, s0)
+    else:
+        s0 = torch.as_tensor(init, dtype=torch.float64, device=rows.device).expand(rows.shape[0]).clone()
+    result = _octav_rows(rows, signed, c, s0, stats, tol=tol, max_iter=max_iter, iterations=iterations)
+    amax = _finish(result.amax, stats.smax, axis, x)
+    if not return_iterations:
+        return amax
+    return OctavResult(amax, result.iterations.reshape(()) if axis is None else result.iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# MSE sweep (Appendix E.3)
+
+
+def sweep_candidates(smax: torch.Tensor, points: int) -> torch.Tensor:
+    """k/points * smax for k = 1..points: (R,) -> (points, R)."""
+    k = torch.arange(1, points + 1, dtype=torch.float64, device=smax.device)
+    return k[:, None] / points * smax.to(torch.float64)[None, :]
+
+
+def _sweep_sse(a: torch.Tensor, cand: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Sum of squared quantization errors of every candidate on every row: (R,n),(K,R) -> (K,R).
+
+    ``a`` holds magnitudes on the grid's non-negative side, so the grid is [0, qmax]. Works block by
+    block so that the (K, block) intermediate stays in cache and no (K, n) tensor is ever made.
+    """
+    rows, n = a.shape
+    scale = (cand / qmax).to(a.dtype)  # (K, R)
+    inv = 1.0 / scale
+    sse = torch.zeros(cand.shape, dtype=torch.float64, device=a.device)
+    row_block = max(1, min(rows, _SWEEP_BLOCK // n)) if n < _SWEEP_BLOCK else 1
+    col_block = min(n, _SWEEP_BLOCK)
+    for r0 in range(0, rows, row_block):
+        r1 = min(rows, r0 + row_block)
+        sc, iv = scale[:, r0:r1, None], inv[:, r0:r1, None]  # (K, rb, 1)
+        for c0 in range(0, n, col_block):
+            blk = a[None, r0:r1, c0:c0 + col_block]  # (1, rb, cb)
+            q = torch.mul(blk, iv).round_().clamp_(0, qmax).mul_(sc).sub_(blk)
+            sse[:, r0:r1] += q.square_().sum(dim=2, dtype=torch.float64)
+    return sse
+
+
+def mse_sweep(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    signed: bool | None = None,
+    axis: int | None = None,
+    convention: Convention = "runtime",
+    points: int = 100,
+    return_curve: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Brute-force the clipping scalar over k/points * s_max, k = 1..points (Appendix E.3).
+
+    Each candidate is scored by the empirical MSE of eq. (1) on the same grid as ``fake_quantize``;
+    per channel, s_max is each row's maximum. Ties go to the smallest candidate.
+    Example: x = [0.1, 0.2, 10], 2-bit signed -> candidates 0.1..10; amax 10 keeps the outlier.
+    With ``return_curve`` returns (amax, candidates (points, R), mse (points, R)).
+    """
+    check_bits(bits)
+    check_tensor(x, "Tensor passed to mse_sweep")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise SpecError(f"points must be a positive integer: got {points!r}.")
+    signed = resolve_signed(x, signed)
+    qmax = Grid(bits, signed, convention).qmax
+    a = _magnitudes(x, signed, axis)
+    smax = a.amax(dim=1).to(torch.float64)
+    cand = sweep_candidates(torch.where(smax > 0, smax, 1.0), points)
+    sse = _sweep_sse(a, cand, qmax)
+    best = sse.argmin(dim=0)  # first minimum: the smallest candidate among ties
+    amax = _finish(cand.gather(0, best[None]).squeeze(0), smax, axis, x)
+    if not return_curve:
+        return amax
+    mse = sse / a.shape[1]
+    if not signed:  # add the constant error of negative values, clipped to 0 by every candidate
+        neg = rows_from(x, axis).clamp(max=0).double().square().mean(dim=1)
+        mse = mse + neg[None, :]
+    return amax, cand, mse
+
+
+# ---------------------------------------------------------------------------------------------
+# Percentiles and max-scaling
+
+
+def percentile(x: torch.Tensor, q: float, *, axis: int | None = None) -> torch.Tensor:
+    """The q-th percentile of |x| with linear interpolation (NumPy's default), exact at any size.
+
+    Position p = q/100 * (n-1) in ascending order; only the top n - floor(p) values are selected
+    (``topk``) when that tail is small, otherwise a selection (``kthvalue``) finds both neighbours:
+    never a full sort, and no 2^24-element limit as in ``torch.quantile``.
+    Example: |x| = [1, 2, 3, 4, 5], q = 90 -> p = 3.6 -> 4 + 0.6 * (5 - 4) = 4.6.
+    """
+    check_tensor(x, "Tensor passed to percentile")
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 100:
+        raise SpecError(f"Percentile q must be in (0, 100]: got {q!r}.")
+    a = rows_from(x, axis).abs()
+    n = a.shape[1]
+    pos = q / 100.0 * (n - 1)
+    low = min(int(math.floor(pos)), n - 1)
+    frac = pos - low
+    top = n - low  # values at ascending ranks low .. n-1
+    if top <= max(64, n // 8):
+        tail = torch.topk(a, top, dim=1, sorted=True).values  # descending
+        v_low = tail[:, top - 1]
+        v_high = tail[:, top - 2] if top >= 2 else v_low
+    else:
+        v_low = torch.kthvalue(a, low + 1, dim=1).values
+        v_high = torch.kthvalue(a, low + 2, dim=1).values if low + 1 < n else v_low
+    value = v_low.double() + frac * (v_high.double() - v_low.double())
+    return _finish(value, a.amax(dim=1).double(), axis, x)
+
+
+def max_scaling(x: torch.Tensor, *, signed: bool | None = None, axis: int | None = None) -> torch.Tensor:
+    """The max-scaled quantizer's scalar (eq. 2): max |x| (signed) or max x (unsigned)."""
+    check_tensor(x, "Tensor passed to max_scaling")
+    signed = resolve_signed(x, signed)
+    smax = _magnitudes(x, signed, axis).amax(dim=1).double()
+    return _finish(smax, smax, axis, x)
+
+
+def analytic_mse(
+    x: torch.Tensor,
+    amax: torch.Tensor | float,
+    bits: int,
+    *,
+    signed: bool | None = None,
+    axis: int | None = None,
+    convention: Convention = "runtime",
+) -> torch.Tensor:
+    """Evaluate J(s) of eq. (4)/(12) on the data: [c s^2 #{0<|x|<=s} + sum_{|x|>s} (|x|-s)^2] / n.
+
+    The additive-noise model OCTAV minimizes, per slice (float64, [] or [C]); compare with
+    ``quant_mse`` to see where the model holds.
+    """
+    check_tensor(x, "Tensor passed to analytic_mse")
+    signed = resolve_signed(x, signed)
+    c = Grid(check_bits(bits), signed, convention).noise_coefficient
+    a = _magnitudes(x, signed, axis).double()
+    s = torch.as_tensor(amax, dtype=torch.float64, device=a.device).reshape(-1, 1)
+    inside = ((a > 0) & (a <= s)).sum(dim=1)
+    clipped = (a - s).clamp(min=0).square().sum(dim=1)
+    j = (c * s[:, 0] ** 2 * inside + clipped) / a.shape[1]
+    return j.reshape(()) if axis is None else j
+
+
+# ---------------------------------------------------------------------------------------------
+# Method names
+
+
+_PERCENTILE = re.compile(r"^p(\d+(?:\.\d+)?)$")
+METHOD_NAMES = ("octav", "sweep", "max", "pNN.NNN")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed clipping method: kind 'octav', 'sweep', 'max' or 'percentile' (with q)."""
+
+    kind: Literal["octav", "sweep", "max", "percentile"]
+    q: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"p{self.q:.10g}" if self.kind == "percentile" else self.kind
+
+
+def parse_method(name: str) -> Method:
+    """Parse 'octav', 'sweep' (alias 'mse'), 'max' or 'pNN.NNN' (percentile in (0, 100])."""
+    if not isinstance(name, str):
+        raise SpecError(f"Clipping method must be a string: got {name!r}.")
+    key = name.strip().lower()
+    if key in ("octav", "sweep", "max"):
+        return Method(key)  # type: ignore[arg-type]
+    if key == "mse":
+        return Method("sweep")
+    match = _PERCENTILE.match(key)
+    if match and 0 < float(match.group(1)) <= 100:
+        return Method("percentile", float(match.group(1)))
+    raise SpecError(f"Unknown clipping method {name!r}. Expected one of: {', '.join(METHOD_NAMES)}.")
+
+
+def parse_methods(names: str | list[str] | tuple[str, ...]) -> list[Method]:
+    """Parse a comma-separated list (or a sequence) of method names, keeping order, dropping repeats."""
+    parts = names.split(",") if isinstance(names, str) else list(names)
+    methods: list[Method] = []
+    for part in parts:
+        if isinstance(part, str) and not part.strip():
+            continue
+        method = parse_method(part)
+        if method not in methods:
+            methods.append(method)
+    if not methods:
+        raise SpecError(f"No clipping method given. Expected one of: {', '.join(METHOD_NAMES)}.")
+    return methods
+
+
+def compute_amax(
+    x: torch.Tensor,
+    method: Method | str,
+    bits: int,
+    *,
+    signed: bool | None = None,
+    axis: int | None = None,
+    convention: Convention = "runtime",
+) -> torch.Tensor:
+    """Dispatch to one clipping method by parsed or textual name."""
+    m = parse_method(method) if isinstance(method, str) else method
+    if m.kind == "octav":
+        return octav(x, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[return-value]
+    if m.kind == "sweep":
+        return mse_sweep(x, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[return-value]
+    if m.kind == "max":
+        check_bits(bits)
+        return max_scaling(x, signed=signed, axis=axis)
+    check_bits(bits)
+    assert m.q is not None  # a parsed percentile always has q
+    return percentile(x, m.q, axis=axis)
