@@ -96,7 +96,9 @@ def median_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sweep-repeat", type=int, default=1, help="the NumPy sweep takes seconds per run")
@@ -105,10 +107,14 @@ def main() -> None:
 
     grid = octavcal.Grid(args.bits, signed=True)
     gen = torch.Generator().manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, numpy {np.__version__}, bits {args.bits}, median of {args.repeat}")
-    header = (f"{'tensor':30} {'octav ms':>9} {'numpy':>9} {'ratio':>6} {'iters':>5} {'rel.err':>8} "
-              f"{'sweep ms':>9} {'numpy':>9} {'ratio':>6} {'p99.99 ms':>9}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, numpy {np.__version__}, bits {args.bits}, median of {args.repeat}"
+    )
+    header = (
+        f"{'tensor':30} {'octav ms':>9} {'numpy':>9} {'ratio':>6} {'iters':>5} {'rel.err':>8} "
+        f"{'sweep ms':>9} {'numpy':>9} {'ratio':>6} {'p99.99 ms':>9}"
+    )
     print(header)
     rows = []
     for name, shape, axis in SHAPES:
@@ -122,21 +128,30 @@ def main() -> None:
         result = octavcal.octav(x, args.bits, signed=True, axis=axis, return_iterations=True)
         ref = float64_octav(x, grid.noise_coefficient, axis)
         rel_err = float(np.abs(result.amax.double().reshape(-1).numpy() / ref - 1).max())
-        t_sweep = median_time(lambda: octavcal.mse_sweep(x, args.bits, signed=True, axis=axis), args.sweep_repeat)
+        t_sweep = median_time(
+            lambda: octavcal.mse_sweep(x, args.bits, signed=True, axis=axis), args.sweep_repeat
+        )
         t_np_sweep = median_time(lambda: numpy_sweep(xn, grid.qmax, per_row), args.sweep_repeat)
         t_pct = median_time(lambda: octavcal.percentile(x, 99.99, axis=axis), args.repeat)
         row = {
-            "tensor": name, "granularity": "per-channel" if per_row else "per-tensor",
-            "octav_ms": t_octav * 1e3, "numpy_octav_ms": t_np_octav * 1e3,
-            "octav_speedup": t_np_octav / t_octav, "octav_iterations_max": int(result.iterations.max()),
+            "tensor": name,
+            "granularity": "per-channel" if per_row else "per-tensor",
+            "octav_ms": t_octav * 1e3,
+            "numpy_octav_ms": t_np_octav * 1e3,
+            "octav_speedup": t_np_octav / t_octav,
+            "octav_iterations_max": int(result.iterations.max()),
             "octav_rel_err_vs_float64": rel_err,
-            "sweep_ms": t_sweep * 1e3, "numpy_sweep_ms": t_np_sweep * 1e3, "sweep_speedup": t_np_sweep / t_sweep,
+            "sweep_ms": t_sweep * 1e3,
+            "numpy_sweep_ms": t_np_sweep * 1e3,
+            "sweep_speedup": t_np_sweep / t_sweep,
             "percentile_ms": t_pct * 1e3,
         }
         rows.append(row)
-        print(f"{name:30} {row['octav_ms']:9.1f} {row['numpy_octav_ms']:9.1f} {row['octav_speedup']:5.1f}x "
-              f"{row['octav_iterations_max']:5d} {rel_err:8.1e} {row['sweep_ms']:9.1f} "
-              f"{row['numpy_sweep_ms']:9.1f} {row['sweep_speedup']:5.1f}x {row['percentile_ms']:9.1f}")
+        print(
+            f"{name:30} {row['octav_ms']:9.1f} {row['numpy_octav_ms']:9.1f} {row['octav_speedup']:5.1f}x "
+            f"{row['octav_iterations_max']:5d} {rel_err:8.1e} {row['sweep_ms']:9.1f} "
+            f"{row['numpy_sweep_ms']:9.1f} {row['sweep_speedup']:5.1f}x {row['percentile_ms']:9.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bits": args.bits, "rows": rows}, f, indent=2)

@@ -1,6 +1,14 @@
 """octavcal: exact, fast clipping scalars (OCTAV, MSE sweep, percentiles, max) for quantization."""
 
-from .errors import CalibrationError, DataError, LoadError, OctavcalError, OctavcalWarning, ScaleFileError, SpecError
+from .errors import (
+    CalibrationError,
+    DataError,
+    LoadError,
+    OctavcalError,
+    OctavcalWarning,
+    ScaleFileError,
+    SpecError,
+)
 from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
 from .methods import (
     Method,

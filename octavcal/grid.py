@@ -1,11 +1,9 @@
 """The integer grid every method, report and export refers to; validation of tensors and bits.
 
-Two conventions (README, "The integer grid"):
-
-| convention | signed integers | unsigned integers | scale | noise coefficient |
-| --- | --- | --- | --- | --- |
-| ``runtime`` (default; ONNX, TensorRT) | [-(2^(B-1)-1), 2^(B-1)-1] | [0, 2^B-1] | amax / qmax | 1 / (12 qmax^2) |
-| ``paper`` (eq. 3, Appendix A) | [-2^(B-1), 2^(B-1)] clipped to ±amax | [0, 2^B] | amax / qmax | 4^-B/3, 4^-B/12 |
+Two conventions (README, "The integer grid"); scale = amax / qmax and zero point 0 in both:
+- ``runtime`` (default; ONNX QDQ, TensorRT): signed [-(2^(B-1)-1), 2^(B-1)-1], unsigned [0, 2^B-1];
+  noise coefficient 1 / (12 qmax^2).
+- ``paper`` (eq. 3, Appendix A): signed [-2^(B-1), 2^(B-1)], unsigned [0, 2^B]; 4^-B/3, 4^-B/12.
 """
 
 from __future__ import annotations
@@ -100,7 +98,9 @@ def check_finite(reduced: torch.Tensor, x: torch.Tensor, what: str) -> None:
     """
     if not bool(torch.isfinite(reduced).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise DataError(f"{what} of shape {tuple(x.shape)} contains NaN or Inf ({bad} of {x.numel()} values).")
+        raise DataError(
+            f"{what} of shape {tuple(x.shape)} contains NaN or Inf ({bad} of {x.numel()} values)."
+        )
 
 
 def rows_from(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -118,8 +118,9 @@ def rows_from(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def amax_view(amax: torch.Tensor | float, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Shape ``amax`` ([] or [C]) so it broadcasts against ``x`` along ``axis``."""
-    amax = torch.as_tensor(amax, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                           device=x.device)
+    amax = torch.as_tensor(
+        amax, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+    )
     if axis is None:
         if amax.numel() != 1:
             raise SpecError(f"Per-tensor amax must be a scalar: got shape {tuple(amax.shape)}.")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -49,7 +49,9 @@ def _magnitudes(x: torch.Tensor, signed: bool, axis: int | None) -> torch.Tensor
     return rows.abs() if signed else rows.clamp(min=0)
 
 
-def _finish(amax_rows: torch.Tensor, smax_rows: torch.Tensor, axis: int | None, x: torch.Tensor) -> torch.Tensor:
+def _finish(
+    amax_rows: torch.Tensor, smax_rows: torch.Tensor, axis: int | None, x: torch.Tensor
+) -> torch.Tensor:
     """Replace amax 0 (never a valid runtime scale) and shape the result [] or [C].
 
     All-zero slice -> AMAX_OF_ZEROS; a slice whose method answered 0 (say, a percentile that falls
@@ -198,7 +200,8 @@ def _octav_rows(
             subset = None if active.size == rows else torch.from_numpy(active).to(x.device)
             excess, above = np.zeros(rows), np.zeros(rows)
             sub_excess, sub_above = _excess_and_count(
-                x, signed, torch.from_numpy(s[active]).to(x.device), work, subset)
+                x, signed, torch.from_numpy(s[active]).to(x.device), work, subset
+            )
             excess[active], above[active] = sub_excess.cpu().numpy(), sub_above.cpu().numpy()
             inside_count = nnz - above
             newton = (excess + s * above) / np.where(done, 1.0, c * inside_count + above)
@@ -211,12 +214,21 @@ def _octav_rows(
             # previous step, so the distance left is at most step r / (1 - r): stop once within tol.
             ratio = step / prev_step
             converged = (step <= tol * newton) | (
-                smooth & np.isfinite(prev_step) & (ratio < 0.5) & (step * ratio / (1 - ratio) <= tol * newton))
+                smooth & np.isfinite(prev_step) & (ratio < 0.5) & (step * ratio / (1 - ratio) <= tol * newton)
+            )
             prev_step = step
             below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
             upper = ~done & ~below
-            lo, above_lo, map_lo = np.where(below, s, lo), np.where(below, above, above_lo), np.where(below, newton, map_lo)
-            hi, above_hi, map_hi = np.where(upper, s, hi), np.where(upper, above, above_hi), np.where(upper, newton, map_hi)
+            lo, above_lo, map_lo = (
+                np.where(below, s, lo),
+                np.where(below, above, above_lo),
+                np.where(below, newton, map_lo),
+            )
+            hi, above_hi, map_hi = (
+                np.where(upper, s, hi),
+                np.where(upper, above, above_hi),
+                np.where(upper, newton, map_hi),
+            )
             inside = (newton > lo) & (newton < hi)
             nxt = np.where(inside | converged, newton, 0.5 * (lo + hi))
             # One data point v left in (lo, hi]: the map is constant on [lo, v) and on [v, hi], so the
@@ -226,9 +238,14 @@ def _octav_rows(
             if single.any():
                 which = np.flatnonzero(single)
                 idx = torch.from_numpy(which).to(x.device)
-                v = _smallest_above(x, signed, torch.from_numpy(lo[which]).to(x.device), work, idx).cpu().numpy()
-                nxt[which] = np.where(map_lo[which] < v, map_lo[which],
-                                      np.where(map_hi[which] >= v, map_hi[which], v))
+                v = (
+                    _smallest_above(x, signed, torch.from_numpy(lo[which]).to(x.device), work, idx)
+                    .cpu()
+                    .numpy()
+                )
+                nxt[which] = np.where(
+                    map_lo[which] < v, map_lo[which], np.where(map_hi[which] >= v, map_hi[which], v)
+                )
             # A collapsed bracket means the root sits on a point mass at hi: take hi.
             collapsed = ~converged & ~single & (hi - lo <= tol * hi)
             nxt = np.where(collapsed, hi, nxt)
@@ -294,14 +311,15 @@ def octav(
     ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
     (the paper's s_1); "auto" starts from OCTAV on a 16K-value subsample when the tensor is large; a
     number or a [C] tensor is used as given.
-    Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> amax 100;
-    a unit Gaussian -> amax about 2.49.
+    Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> with only the outlier
+    above s, s = 100 / (4c + 1) = 99.32; a unit Gaussian -> amax about 2.49.
     Returns amax ([] or [C]); with ``return_iterations`` an ``OctavResult(amax, iterations)``.
     """
     check_bits(bits)
     check_tensor(x, "Tensor passed to octav", finite=False)
-    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
-                                   or iterations < 1):
+    if iterations is not None and (
+        isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
+    ):
         raise SpecError(f"iterations must be a positive integer or None: got {iterations!r}.")
     signed = resolve_signed(x, signed)
     c = Grid(bits, signed, convention).noise_coefficient
@@ -317,7 +335,9 @@ def octav(
             s0 = torch.where(stats.nnz > 0, _octav_warm_start(rows, signed, c, s0.clamp(min=1e-30)), s0)
     else:
         s0 = torch.as_tensor(init, dtype=torch.float64, device=rows.device).expand(rows.shape[0]).clone()
-    result = _octav_rows(rows, signed, c, s0, stats, tol=tol, max_iter=max_iter, iterations=iterations, work=work)
+    result = _octav_rows(
+        rows, signed, c, s0, stats, tol=tol, max_iter=max_iter, iterations=iterations, work=work
+    )
     amax = _finish(result.amax, stats.smax, axis, x)
     if not return_iterations:
         return amax
@@ -350,7 +370,7 @@ def _sweep_sse(a: torch.Tensor, cand: torch.Tensor, qmax: int) -> torch.Tensor:
         r1 = min(rows, r0 + row_block)
         sc, iv = scale[:, r0:r1, None], inv[:, r0:r1, None]  # (K, rb, 1)
         for c0 in range(0, n, col_block):
-            blk = a[None, r0:r1, c0:c0 + col_block]  # (1, rb, cb)
+            blk = a[None, r0:r1, c0 : c0 + col_block]  # (1, rb, cb)
             q = torch.mul(blk, iv).round_().clamp_(0, qmax).mul_(sc).sub_(blk)
             sse[:, r0:r1] += q.square_().sum(dim=2, dtype=torch.float64)
     return sse
@@ -384,7 +404,8 @@ def mse_sweep(
     cand = sweep_candidates(torch.where(smax > 0, smax, 1.0), points)
     sse = _sweep_sse(a, cand, qmax)
     best = sse.argmin(dim=0)  # first minimum: the smallest candidate among ties
-    amax = _finish(cand.gather(0, best[None]).squeeze(0), smax, axis, x)
+    chosen = torch.where(smax > 0, cand.gather(0, best[None]).squeeze(0), 0.0)  # all-zero -> _finish
+    amax = _finish(chosen, smax, axis, x)
     if not return_curve:
         return amax
     mse = sse / a.shape[1]
@@ -412,7 +433,7 @@ def percentile(x: torch.Tensor, q: float, *, axis: int | None = None) -> torch.T
     a = rows_from(x, axis).abs()
     n = a.shape[1]
     pos = q / 100.0 * (n - 1)
-    low = min(int(math.floor(pos)), n - 1)
+    low = min(math.floor(pos), n - 1)
     frac = pos - low
     top = n - low  # values at ascending ranks low .. n-1
     if top <= max(64, n // 8):

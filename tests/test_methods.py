@@ -1,0 +1,367 @@
+"""Clipping methods against independent references: brute force, float64 sorting, NumPy loops."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import octavcal
+from octavcal import (
+    DataError,
+    Grid,
+    SpecError,
+    analytic_mse,
+    fake_quantize,
+    max_scaling,
+    mse_sweep,
+    octav,
+    percentile,
+)
+
+# ------------------------------------------------------------------ references (float64, no octavcal)
+
+
+def brute_force_mse(x: torch.Tensor, candidates: torch.Tensor, qmax: int, signed: bool) -> torch.Tensor:
+    """Empirical MSE of eq. (1) for each candidate amax, in float64 (P,) -> (P,)."""
+    v = x.double().reshape(1, -1)
+    qmin = -qmax if signed else 0
+    out = []
+    for chunk in candidates.double().split(64):
+        step = (chunk / qmax)[:, None]
+        q = torch.clamp(torch.round(v / step), qmin, qmax) * step
+        out.append((q - v).square().mean(dim=1))
+    return torch.cat(out)
+
+
+def fixed_point_by_sorting(values: np.ndarray, c: float) -> float:
+    """Eq. (6)'s fixed point by sorting: with k values above s the map is S_k / (c (m-k) + k) on
+    [v_{k+1}, v_k); where no interval holds its own value, h jumps over zero at a data point."""
+    v = np.sort(values[values > 0])[::-1].astype(np.float64)
+    m = v.size
+    k = np.arange(m + 1, dtype=np.float64)
+    sums = np.concatenate([[0.0], np.cumsum(v)])
+    root = sums / (c * (m - k) + k)
+    upper, lower = np.concatenate([[np.inf], v]), np.concatenate([v, [0.0]])
+    fixed = np.flatnonzero((root >= lower) & (root < upper))
+    if fixed.size:
+        return float(root[fixed[0]])
+    j = np.arange(1, m + 1, dtype=np.float64)
+    left = c * v * (m - j) - (sums[1:] - v * j)
+    at = c * v * (m - j + 1) - (sums[:-1] - v * (j - 1))
+    return float(v[np.flatnonzero((left <= 0) & (at >= 0))[0]])
+
+
+def sample(kind: str, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(n, generator=gen, dtype=torch.float64)
+    u = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5  # Laplace by inverse CDF
+    return -torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+# ------------------------------------------------------------------ OCTAV
+
+
+@pytest.mark.parametrize("convention", ["runtime", "paper"])
+@pytest.mark.parametrize("kind", ["gaussian", "laplace"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_octav_lands_on_the_brute_force_minimum(kind, bits, convention):
+    x = sample(kind, 40_000, seed=bits)
+    grid = Grid(bits, True, convention)
+    amax = octav(x, bits, signed=True, convention=convention).item()
+    # A fine search around the answer and a coarse one over the whole range, on the same grid.
+    cands = torch.cat(
+        [
+            torch.linspace(0.5 * amax, 1.6 * amax, 441, dtype=torch.float64),
+            torch.linspace(0.01, 1.0, 100, dtype=torch.float64) * x.abs().max(),
+        ]
+    )
+    mse = brute_force_mse(x, cands, grid.qmax, signed=True)
+    best_s, best_mse = cands[mse.argmin()].item(), mse.min().item()
+    our_mse = brute_force_mse(x, torch.tensor([amax]), grid.qmax, signed=True).item()
+    if bits == 2:  # eq. (4)'s additive-noise model is coarse at 2 bits
+        assert our_mse <= 1.02 * best_mse
+    else:
+        assert abs(amax / best_s - 1) <= 0.02 or our_mse <= 1.005 * best_mse
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 5000, 200_000])
+def test_octav_is_the_exact_fixed_point(n, bits, signed):
+    gen = torch.Generator().manual_seed(n + bits)
+    x = torch.randn(n, generator=gen)
+    if not signed:
+        x = torch.relu(x) + (x > 0) * 0.1  # ReLU-like: many exact zeros
+        if not bool((x > 0).any()):
+            x[0] = 1.0
+    grid = Grid(bits, signed)
+    mags = (x.abs() if signed else x.clamp(min=0)).double().numpy()
+    ref = fixed_point_by_sorting(mags, grid.noise_coefficient)
+    got = octav(x, bits, signed=signed).item()
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_octav_matches_the_papers_literal_ten_iterations():
+    """iterations=10 reproduces the paper's recursion (eq. 6, paper grid, s_1 = sum|x|/#nonzero)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50_000, generator=gen, dtype=torch.float64) * 0.3
+    x[::7] = 0.0
+    a = x.abs().numpy()
+    c = 4.0**-4 / 3
+    s = a.sum() / (a > 0).sum()
+    for _ in range(10):
+        above = a > s
+        s = (a * above).sum() / (c * ((a > 0) & ~above).sum() + above.sum())
+    got = octav(x, 4, signed=True, convention="paper", init="paper", iterations=10, return_iterations=True)
+    assert got.amax.item() == pytest.approx(s, rel=1e-12)
+    assert got.iterations.item() == 10
+
+
+def test_octav_reports_iterations_and_respects_tolerance():
+    x = sample("gaussian", 20_000, seed=9)
+    loose = octav(x, 4, init="paper", tol=1e-2, return_iterations=True)
+    tight = octav(x, 4, init="paper", tol=1e-9, return_iterations=True)
+    assert 1 <= loose.iterations.item() < tight.iterations.item() <= 100
+    ref = fixed_point_by_sorting(x.abs().numpy(), Grid(4, True).noise_coefficient)
+    assert tight.amax.item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_octav_golden_outlier_example():
+    # Four 1s and a 100, 4-bit runtime grid (c = 1/588): with only the outlier above s, eq. (6) is
+    # s = 100 / (4c + 1), which lies in [1, 100): the fixed point.
+    x = torch.tensor([1.0, 1.0, 1.0, 1.0, 100.0])
+    assert octav(x, 4, signed=True).item() == pytest.approx(100 / (1 + 4 / 588))
+    assert octav(x, 4).item() == pytest.approx(100 / (1 + 4 / 2700))  # all >= 0: unsigned, qmax 15
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("convention", ["runtime", "paper"])
+def test_octav_per_channel_equals_row_loop(signed, convention):
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(48, 3, 3, 3, generator=gen) * torch.linspace(0.1, 5, 48)[:, None, None, None]
+    if not signed:
+        w = w.relu()
+    got = octav(w, 4, signed=signed, axis=0, convention=convention)
+    assert got.shape == (48,)
+    loop = torch.stack([octav(w[k], 4, signed=signed, convention=convention) for k in range(48)])
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=0)
+    got1 = octav(w, 4, signed=signed, axis=1, convention=convention)
+    loop1 = torch.stack([octav(w[:, k], 4, signed=signed, convention=convention) for k in range(3)])
+    torch.testing.assert_close(got1, loop1, rtol=1e-6, atol=0)
+
+
+def test_octav_unsigned_is_chosen_for_non_negative_data_and_uses_appendix_a():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(30_000, generator=gen, dtype=torch.float64).relu()
+    auto = octav(x, 4).item()
+    ref = fixed_point_by_sorting(x.numpy(), Grid(4, False).noise_coefficient)  # 1/(12*15^2)
+    assert auto == pytest.approx(ref, rel=1e-6)
+    assert auto != pytest.approx(octav(x, 4, signed=True).item(), rel=1e-3)
+
+
+def test_octav_properties_scale_and_sign():
+    x = sample("laplace", 40_000, seed=13)
+    base = octav(x, 5).item()
+    assert octav(4 * x, 5).item() == pytest.approx(4 * base, rel=1e-9)
+    assert octav(-x, 5).item() == pytest.approx(base, rel=1e-9)
+    assert octav(x.reshape(1, -1), 5, axis=0).item() == pytest.approx(base, rel=1e-9)
+
+
+# ------------------------------------------------------------------ MSE sweep
+
+
+def numpy_sweep_reference(x: np.ndarray, qmax: int, points: int, signed: bool) -> tuple[float, np.ndarray]:
+    a = x.astype(np.float64)
+    smax = np.abs(a).max() if signed else max(a.max(), 0)
+    mses = []
+    for k in range(1, points + 1):
+        s = k / points * smax
+        q = np.clip(np.round(a / (s / qmax)), -qmax if signed else 0, qmax) * (s / qmax)
+        mses.append(((q - a) ** 2).mean())
+    mses = np.array(mses)
+    return (int(np.argmin(mses)) + 1) / points * smax, mses
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_sweep_equals_a_plain_loop(bits, signed):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(20_000, generator=gen, dtype=torch.float64)
+    if not signed:
+        x = x.relu()
+    ref_s, ref_mse = numpy_sweep_reference(x.numpy(), Grid(bits, signed).qmax, 100, signed)
+    amax, _, mse = mse_sweep(x, bits, signed=signed, return_curve=True)
+    assert amax.item() == pytest.approx(ref_s, rel=1e-12)
+    np.testing.assert_allclose(mse[:, 0].numpy(), ref_mse, rtol=1e-9)
+
+
+def test_sweep_per_channel_equals_row_loop():
+    gen = torch.Generator().manual_seed(21)
+    w = torch.randn(16, 40, generator=gen) * torch.linspace(0.2, 3, 16)[:, None]
+    got = mse_sweep(w, 4, axis=0)
+    loop = torch.stack([mse_sweep(w[k], 4) for k in range(16)])
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=0)
+
+
+def test_sweep_prefers_outliers_where_octav_keeps_the_bulk():
+    """Appendix G: a bulk of small values and a few huge outliers make the MSE non-convex."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(100_000, generator=gen)
+    x[:3] = 350.0
+    # OCTAV: c s N ~ 3 (350 - s) puts s near 3 * 350 * 588 / 1e5 ~ 6, where the bulk is resolved.
+    # The sweep: zeroing the bulk (SSE ~ 1e5) beats clipping the outliers (SSE ~ 3.5e5).
+    sweep_s, octav_s = mse_sweep(x, 4).item(), octav(x, 4).item()
+    assert sweep_s > 300 and 3 < octav_s < 10
+    bulk = x[3:]
+    assert (fake_quantize(bulk, sweep_s, 4) == 0).float().mean() > 0.99
+    assert (fake_quantize(bulk, octav_s, 4) == 0).float().mean() < 0.5
+
+
+# ------------------------------------------------------------------ percentiles and max
+
+
+@pytest.mark.parametrize("q", [50.0, 90.0, 99.9, 99.99, 99.999, 100.0])
+def test_percentile_equals_float64_sort(q):
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(123_457, generator=gen)
+    ref = np.percentile(np.abs(x.double().numpy()), q)
+    assert percentile(x, q).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_percentile_golden_and_per_channel():
+    assert percentile(torch.tensor([1.0, -2.0, 3.0, 4.0, -5.0]), 90).item() == pytest.approx(4.6)
+    gen = torch.Generator().manual_seed(32)
+    w = torch.randn(8, 1000, generator=gen)
+    got = percentile(w, 99.9, axis=0)
+    ref = np.percentile(np.abs(w.double().numpy()), 99.9, axis=1)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_percentile_above_torch_quantile_limit():
+    n = (1 << 24) + 1001  # torch.quantile refuses more than 2^24 elements
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(n, generator=gen)
+    with pytest.raises(RuntimeError):
+        torch.quantile(x.abs(), 0.9999)
+    ref = np.percentile(np.abs(x.double().numpy()), 99.99)
+    assert percentile(x, 99.99).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_max_scaling_is_eq_2():
+    x = torch.tensor([[0.5, -3.0], [2.0, 1.0]])
+    assert max_scaling(x).item() == 3.0
+    torch.testing.assert_close(max_scaling(x, axis=0), torch.tensor([3.0, 2.0]))
+    assert max_scaling(torch.tensor([-4.0, 1.0]), signed=False).item() == 1.0
+
+
+def test_analytic_mse_matches_eq_12_on_the_data():
+    x = torch.tensor([0.0, 0.5, -1.0, 2.0, 4.0], dtype=torch.float64)
+    c = Grid(4, True).noise_coefficient
+    s = 1.5
+    ref = (c * s * s * 2 + (2.0 - s) ** 2 + (4.0 - s) ** 2) / 5  # two non-zeros inside, two clipped
+    assert analytic_mse(x, s, 4).item() == pytest.approx(ref, rel=1e-12)
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+ALL_METHODS = ["octav", "sweep", "max", "p99.9"]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_all_zero_tensor_and_channels_get_amax_one(method):
+    assert octavcal.compute_amax(torch.zeros(10, 10), method, 4).item() == 1.0
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    w[1] = 0.0
+    amax = octavcal.compute_amax(w, method, 4, axis=0)
+    assert amax[1].item() == 1.0 and bool((amax > 0).all())
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_constant_and_single_element(method):
+    assert octavcal.compute_amax(torch.full((100,), -0.25), method, 4).item() == pytest.approx(0.25)
+    assert octavcal.compute_amax(torch.tensor([3.0]), method, 4).item() == pytest.approx(3.0)
+
+
+def test_percentile_on_mostly_zero_data_falls_back_to_max():
+    x = torch.zeros(10_000)
+    x[:3] = torch.tensor([1.0, 2.0, 3.0])
+    assert percentile(x, 99.9).item() == pytest.approx(3.0)  # the 99.9th percentile is 0: no clipping
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bad_tensors_give_clear_errors(method):
+    with pytest.raises(DataError, match=r"shape \(0, 3\) is empty"):
+        octavcal.compute_amax(torch.zeros(0, 3), method, 4)
+    x = torch.ones(4, 5)
+    x[1, 2], x[3, 3] = float("nan"), float("inf")
+    with pytest.raises(DataError, match=r"shape \(4, 5\) contains NaN or Inf \(2 of 20 values\)"):
+        octavcal.compute_amax(x, method, 4)
+    with pytest.raises(SpecError, match=r"dtype torch\.int64"):
+        octavcal.compute_amax(torch.ones(3, dtype=torch.int64), method, 4)
+    with pytest.raises(SpecError, match=r"bits must be an integer in \[2, 16\]: got 17"):
+        octavcal.compute_amax(torch.ones(3), method, 17)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_half_precision_inputs_are_computed_in_float32(dtype, method):
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(5000, generator=gen).to(dtype)
+    got = octavcal.compute_amax(x, method, 4)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(octavcal.compute_amax(x.float(), method, 4).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ method names
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("octav", "octav"),
+        ("OCTAV", "octav"),
+        ("sweep", "sweep"),
+        ("mse", "sweep"),
+        ("max", "max"),
+        ("p99.9", "p99.9"),
+        ("p99.99", "p99.99"),
+        ("p99.999", "p99.999"),
+        ("p100", "p100"),
+        ("p50", "p50"),
+    ],
+)
+def test_parse_method(name, canonical):
+    assert octavcal.parse_method(name).name == canonical
+
+
+@pytest.mark.parametrize("name", ["mse2", "p0", "p100.5", "p", "percentile", "", "p-1"])
+def test_parse_method_rejects_unknown_names(name):
+    with pytest.raises(
+        SpecError, match=r"Unknown clipping method .*Expected one of: octav, sweep, max, pNN.NNN\."
+    ):
+        octavcal.parse_method(name)
+
+
+def test_parse_methods_keeps_order_and_drops_repeats():
+    assert [m.name for m in octavcal.parse_methods("octav, mse,sweep,p99.99")] == ["octav", "sweep", "p99.99"]
+
+
+def test_math_modules_import_no_cli_libraries():
+    # tqdm is left out: torch itself imports it when it is installed.
+    code = "import sys, octavcal.methods; print(sorted(m for m in ('click', 'rich') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_octav_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    x = sample("gaussian", 1 << 18, seed=7).float()
+    assert octav(x.cuda(), 4).item() == pytest.approx(octav(x, 4).item(), rel=1e-5)
+    assert math.isfinite(mse_sweep(x.cuda(), 4).item())
