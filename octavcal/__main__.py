@@ -1,0 +1,5 @@
+"""python -m octavcal"""
+
+from .cli import main
+
+main()

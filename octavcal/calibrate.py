@@ -1,0 +1,263 @@
+"""Calibration: batches -> per-batch candidates of every method -> the mean over batches (Appendix E.3).
+
+Each activation is turned into candidates the moment it is seen and then dropped, so memory grows
+with one batch, not with the number of batches. Weights are calibrated once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .collect import Target, capture_activations, weight_targets
+from .errors import CalibrationError, DataError, SpecError
+from .grid import CONVENTIONS, check_bits
+from .loading import Batch, LoadedModel
+from .methods import Method, compute_amax, parse_methods
+from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
+
+DEFAULT_METHODS = ("octav", "sweep", "p99.9", "p99.99", "p99.999", "max")
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What to compute. ``layer_bits``: (pattern, bits or None to skip), first match wins; patterns
+    match a target id ``module:role`` or its module path (fnmatch). ``first_last_bits`` keeps the
+    first and last Linear/Conv (in execution order) at that width, as Appendix E.2 does with 8."""
+
+    bits: int = 8
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    layer_bits: tuple[tuple[str, int | None], ...] = ()
+    first_last_bits: int | None = None
+    per_channel_weights: bool = True
+    mask_padding: bool = True
+    convention: str = "runtime"
+
+    def validate(self) -> list[Method]:
+        check_bits(self.bits)
+        for _, bits in self.layer_bits:
+            if bits is not None:
+                check_bits(bits)
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits)
+        if self.convention not in CONVENTIONS:
+            raise SpecError(f"Unknown grid convention {self.convention!r}. Expected one of: {', '.join(CONVENTIONS)}.")
+        return parse_methods(list(self.methods))
+
+
+def parse_layer_bits(spec: str) -> tuple[str, int | None]:
+    """'encoder.*.output=8' or 'classifier=skip' -> (pattern, bits or None)."""
+    pattern, sep, value = spec.rpartition("=")
+    if not sep or not pattern:
+        raise SpecError(f"Layer bits {spec!r} must look like PATTERN=BITS or PATTERN=skip.")
+    if value.strip().lower() == "skip":
+        return pattern.strip(), None
+    try:
+        return pattern.strip(), check_bits(int(value))
+    except ValueError as exc:
+        raise SpecError(f"Layer bits {spec!r}: {value!r} is neither a bit width in [2, 16] nor 'skip'.") from exc
+
+
+def candidates_for(
+    x: torch.Tensor, methods: list[Method], bits: int, *, signed: bool, axis: int | None, convention: str
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """Every method's amax for one tensor, with the seconds each took (Appendix F's timer)."""
+    out = {}
+    for method in methods:
+        start = time.perf_counter()
+        amax = compute_amax(x, method, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[arg-type]
+        if amax.is_cuda:
+            torch.cuda.synchronize(amax.device)
+        out[method.name] = (amax.detach().to("cpu", torch.float32), time.perf_counter() - start)
+    return out
+
+
+@dataclass
+class _Accumulator:
+    target: Target
+    bits: int
+    shape: list[int]
+    nonnegative: bool = True
+    masked: bool = False
+    shared_with: str | None = None
+    signed: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    unsigned: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Calibrator:
+    def __init__(self, config: CalibrationConfig, methods: list[Method], rules: dict[str, int | None]):
+        self.config, self.methods, self.rules = config, methods, rules
+        self.acc: dict[str, _Accumulator] = {}
+        self.skipped: set[str] = set()
+        self.batch_index = 0
+        self.mask: torch.Tensor | None = None
+        # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
+        self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
+
+    def bits_for(self, target: Target) -> int | None:
+        return self.rules.get(target.id, self.config.bits)
+
+    def start_batch(self, batch: Batch) -> None:
+        self.seen.clear()
+        mask = batch.kwargs.get("attention_mask") if self.config.mask_padding else None
+        self.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def deliver(self, target: Target, tensor: torch.Tensor) -> None:
+        bits = self.bits_for(target)
+        if bits is None:
+            self.skipped.add(target.id)
+            return
+        if not tensor.is_floating_point():
+            return  # integer operands (e.g. index arithmetic) are not quantized activations
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version, bits)
+        acc = self.acc.get(target.id)
+        if acc is None:
+            acc = self.acc[target.id] = _Accumulator(target, bits, list(tensor.shape))
+        hit = self.seen.get(key)
+        if hit is not None and hit[0]() is tensor:
+            acc.shared_with = hit[1]
+            results, masked, nonnegative = hit[2]["results"], hit[2]["masked"], hit[2]["nonnegative"]
+        else:
+            x, masked = tensor.detach(), False
+            if self.mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x, masked = x[self.mask.to(x.device)], True  # (B, T, ...) -> (valid tokens, ...)
+            if x.numel() == 0:
+                return
+            bad = (~torch.isfinite(x)).sum().item() if not bool(torch.isfinite(x.abs().amax())) else 0
+            if bad:
+                raise DataError(f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
+                                f"{self.batch_index} ({bad} of {x.numel()} values).")
+            nonnegative = bool(x.min() >= 0)
+            results = {"signed": candidates_for(x, self.methods, bits, signed=True, axis=None,
+                                                convention=self.config.convention)}
+            if nonnegative and acc.nonnegative:  # unsigned stays possible: keep its candidates too
+                results["unsigned"] = candidates_for(x, self.methods, bits, signed=False, axis=None,
+                                                     convention=self.config.convention)
+            self.seen[key] = (weakref.ref(tensor), target.id,
+                              {"results": results, "masked": masked, "nonnegative": nonnegative})
+        acc.masked |= masked
+        acc.nonnegative &= nonnegative
+        for name, (amax, seconds) in results["signed"].items():
+            acc.signed.setdefault(name, []).append(amax)
+            acc.seconds[name] = acc.seconds.get(name, 0.0) + (0.0 if hit else seconds)
+        if acc.nonnegative and "unsigned" in results:
+            for name, (amax, seconds) in results["unsigned"].items():
+                acc.unsigned.setdefault(name, []).append(amax)
+                acc.seconds[name] += 0.0 if hit else seconds
+
+    def activation_scales(self) -> dict[str, TargetScales]:
+        out = {}
+        for tid, acc in self.acc.items():
+            unsigned = acc.nonnegative and all(len(v) == len(acc.signed[k]) for k, v in acc.unsigned.items())
+            chosen = acc.unsigned if unsigned and acc.unsigned else acc.signed
+            methods = {}
+            for name, values in chosen.items():
+                per_batch = torch.stack(values)  # (N,)
+                methods[name] = MethodScales(per_batch.mean(0), per_batch, acc.seconds.get(name, 0.0))
+            out[tid] = TargetScales(acc.target.module, acc.target.role, acc.target.op, "activation", acc.bits,
+                                    not (unsigned and bool(acc.unsigned)), None, acc.shape, methods,
+                                    acc.masked, acc.shared_with)
+        return out
+
+
+def _bit_rules(config: CalibrationConfig, targets: list[Target], layer_order: list[str]) -> dict[str, int | None]:
+    """Bits of every target that differs from config.bits (None: skipped)."""
+    edge = {layer_order[0], layer_order[-1]} if layer_order and config.first_last_bits else set()
+    rules: dict[str, int | None] = {}
+    for t in targets:
+        for pattern, bits in config.layer_bits:
+            if fnmatch.fnmatchcase(t.id, pattern) or fnmatch.fnmatchcase(t.module, pattern):
+                rules[t.id] = bits
+                break
+        else:
+            if t.module in edge and t.op not in ("matmul", "sdpa"):
+                rules[t.id] = config.first_last_bits
+    return rules
+
+
+def calibrate(
+    model: LoadedModel | nn.Module,
+    batches: Iterable[Batch],
+    config: CalibrationConfig | None = None,
+    *,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> ScaleTable:
+    """Calibrate every Linear/Conv weight and input and every matmul operand of ``model``.
+
+    ``batches`` are run in order (move them to the model's device first); each method's per-batch
+    candidates are averaged (Appendix E.3). ``progress(stage, done, total)`` reports 'batches' and
+    'weights'. Returns a ScaleTable for ``save_scales``.
+    """
+    config = config or CalibrationConfig()
+    methods = config.validate()
+    loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, "module", None)  # type: ignore[arg-type]
+    batch_list = list(batches) if loaded.hookable else []
+    if loaded.hookable and not batch_list:
+        raise CalibrationError("No calibration batches were given.")
+
+    # A discovery pass over the first batch finds the targets and the layer order (for first/last bits)
+    # and fails early, with the layer named, when the data does not fit the model.
+    found: list[Target] = []
+    if loaded.hookable:
+        with capture_activations(loaded, lambda t, _: found.append(t)) as run:
+            run(batch_list[0])
+    weights = weight_targets(loaded.module)
+    layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [w[0].module for w in weights]
+    rules = _bit_rules(config, list(dict.fromkeys(found)) + [w[0] for w in weights], layer_order)
+    if loaded.hookable and not found:
+        raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
+
+    calibrator = _Calibrator(config, methods, rules)
+    if loaded.hookable:
+        with capture_activations(loaded, calibrator.deliver) as run:
+            for i, batch in enumerate(batch_list):
+                calibrator.batch_index = i
+                calibrator.start_batch(batch)
+                run(batch)
+                if progress:
+                    progress("batches", i + 1, len(batch_list))
+    targets = calibrator.activation_scales()
+
+    for i, (target, weight, axis) in enumerate(weights):
+        bits = rules.get(target.id, config.bits)
+        if bits is None:
+            calibrator.skipped.add(target.id)
+            continue
+        kept = axis if config.per_channel_weights else None
+        results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
+        targets[target.id] = TargetScales(
+            target.module, "weight", target.op, "weight", bits, True, kept, list(weight.shape),
+            {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()})
+        if progress:
+            progress("weights", i + 1, len(weights))
+
+    meta = {
+        "octavcal_version": __version__,
+        "grid": {"convention": config.convention, "narrow_range": config.convention == "runtime",
+                 "zero_point": 0, "scale": "amax / qmax", "rounding": "half to even"},
+        "methods": [m.name for m in methods],
+        "reduction": "mean of per-batch candidates (Appendix E.3)",
+        "batches": len(batch_list),
+        "seed": seed,
+        "bits": config.bits,
+        "first_last_bits": config.first_last_bits,
+        "layer_bits": [[p, b] for p, b in config.layer_bits],
+        "per_channel_weights": config.per_channel_weights,
+        "mask_padding": config.mask_padding,
+        "model_format": loaded.format,
+        "model_fingerprint": model_fingerprint(loaded.module),
+        "skipped": sorted(calibrator.skipped),
+        "note": loaded.note,
+    }
+    return ScaleTable(dict(sorted(targets.items())), meta)

@@ -1,0 +1,143 @@
+"""The command line: a thin layer that parses options, calls one library function, and renders.
+
+Errors from the library (OctavcalError) become one ``Error: ...`` line and exit code 1; click's usage
+errors exit with 2. Results go to stdout, progress and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from . import __version__
+from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
+from .errors import OctavcalError, OctavcalWarning
+from .loading import batches_from_callable, load_data, load_model, plan_batches
+from .render import progress_bar, render_calibration, render_scales, scales_summary
+from .scales import load_scales, save_scales
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into 'Error: ...' (exit 1) and Ctrl-C into exit 130, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            click.echo(f"Warning: {message}", err=True)
+
+        warnings.showwarning = show_warning
+        warnings.simplefilter("always", OctavcalWarning)
+        try:
+            return fn(*args, **kwargs)
+        except OctavcalError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OctavcalError(f"Device '{device}' was asked for, but CUDA is not available here.")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="octavcal")
+def main() -> None:
+    """Post-training quantization calibration: OCTAV, MSE sweep, percentiles and max-scaling."""
+
+
+@main.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable.")
+@click.option("--arch", help="package.module:callable (or file.py:callable) that builds the module for a state_dict.")
+@click.option("--bits", default=8, show_default=True, type=int, help="Bit width for every target.")
+@click.option("--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern.")
+@click.option("--first-last-8bit", is_flag=True, help="Keep the first and last Linear/Conv at 8 bits (Appendix E.2).")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Comma-separated methods.")
+@click.option("--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel.")
+@click.option("--keep-padding", is_flag=True, help="Include padded positions (attention_mask == 0) in statistics.")
+@click.option("--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors].")
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
+@click.option("--allow-pickle", is_flag=True, help="Load a pickled nn.Module (runs code from the file: trusted files only).")
+@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
+@friendly_errors
+def calibrate_command(model: Path, data: str, arch: str | None, bits: int, layer_bits: tuple[str, ...],
+                      first_last_8bit: bool, methods: str, num_batches: int, batch_size: int, seed: int,
+                      per_tensor_weights: bool, keep_padding: bool, convention: str, output: Path | None,
+                      device: str | None, dtype: str | None, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Calibrate MODEL's clipping scalars on calibration data and write a scale file.
+
+    \b
+    Example:
+      octavcal calibrate sample_models/digits_cnn.safetensors \\
+          --arch sample_models.digits_cnn:build \\
+          --data sample_models/digits_cnn.calib.safetensors --bits 4
+    """
+    config = CalibrationConfig(
+        bits=bits, methods=tuple(methods.split(",")), layer_bits=tuple(parse_layer_bits(s) for s in layer_bits),
+        first_last_bits=8 if first_last_8bit else None, per_channel_weights=not per_tensor_weights,
+        mask_padding=not keep_padding, convention=convention)
+    config.validate()
+    dev = resolve_device(device)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev,
+                        dtype=DTYPES[dtype] if dtype else None)
+    if ":" in data and not Path(data).exists():
+        batches = list(batches_from_callable(data, num_batches, seed))
+    else:
+        tensors = load_data(data)
+        batches = [tensors.batch(i) for i in plan_batches(tensors.num_samples, batch_size, num_batches, seed)]
+    batches = [b.to(dev, DTYPES[dtype] if dtype else None) for b in batches]
+    output = output or model.with_name(model.name.split(".")[0] + ".scales.safetensors")
+    with progress_bar(quiet or as_json) as progress:
+        table = calibrate(loaded, batches, config, seed=seed, progress=progress)
+    if loaded.note:
+        click.echo(f"Warning: {loaded.note}", err=True)
+    save_scales(table, output)
+    if as_json:
+        click.echo(json.dumps(scales_summary(table, output), indent=2))
+    elif not quiet:
+        render_calibration(table, output)
+
+
+@main.command("inspect")
+@click.argument("scales", type=click.Path(path_type=Path))
+@click.option("--method", help="Show only this method.")
+@click.option("--json", "as_json", is_flag=True, help="Print every target and amax as JSON.")
+@friendly_errors
+def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
+    """Show a scale file: targets, bits, grid and each method's amax.
+
+    \b
+    Example:
+      octavcal inspect sample_models/digits_cnn.scales.safetensors --method octav
+    """
+    table = load_scales(scales)
+    if as_json:
+        click.echo(json.dumps(scales_summary(table, scales, full=True, method=method), indent=2))
+    else:
+        render_scales(table, method)
+

@@ -1,0 +1,348 @@
+"""The only module that reads user files: model checkpoints, architectures and calibration data.
+
+Loading is a security boundary: pickles run code. Checkpoints load weights-only unless the caller
+passes ``allow_pickle=True``; an architecture callable is user code the user named explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import LoadError, OctavcalWarning
+
+MODEL_FORMATS = ("state_dict", "safetensors", "pickle", "export", "torchscript", "huggingface")
+# Keys of a data file that are not model inputs (kept for `evaluate`).
+LABEL_KEYS = ("labels", "label", "targets")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to calibrate: ``module`` runs batches; ``hookable`` says if activations can be seen."""
+
+    module: nn.Module
+    format: str
+    path: Path
+    hookable: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass worth of inputs: ``module(*args, **kwargs)``; labels are kept aside."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        def move(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = t.to(device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()},
+                     self.labels)
+
+    def describe(self) -> str:
+        """Shapes and dtypes of the inputs, for error messages."""
+        parts = [f"arg{i} {_shape(a)}" for i, a in enumerate(self.args)]
+        parts += [f"{k} {_shape(v)}" for k, v in self.kwargs.items()]
+        return ", ".join(parts) or "no inputs"
+
+
+def _shape(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+    return type(t).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures and callables
+
+
+def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any]:
+    """Import ``package.module:callable`` or ``path/to/file.py:callable`` (user code, run on request)."""
+    if ":" not in spec:
+        raise LoadError(f"The {what} {spec!r} is not of the form package.module:callable or file.py:callable.")
+    target, name = spec.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise LoadError(f"The {what} file '{file}' does not exist.")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the working directory's packages
+            module = importlib.import_module(target)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"Could not import the {what} module {target!r}: {type(exc).__name__}: {exc}.") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise LoadError(f"The {what} {spec!r}: module {target!r} has no callable named {name!r}.")
+    return fn  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a checkpoint as a runnable module, detecting its format (README, "Model formats")."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"Model file '{path}' does not exist.")
+    if path.is_dir():
+        loaded = _load_huggingface(path)
+    elif path.suffix == ".pt2":
+        loaded = _load_export(path)
+    elif path.suffix == ".safetensors":
+        loaded = _from_state_dict(_read_safetensors(path, "Model file"), path, arch, "safetensors")
+    elif _is_torchscript(path):
+        loaded = _load_torchscript(path)
+    else:
+        loaded = _load_torch_file(path, arch, allow_pickle)
+    if dtype is not None and loaded.format != "export":
+        loaded.module.to(dtype)
+    loaded.module.to(device)
+    loaded.module.eval()
+    return loaded
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{what} '{path}' is not a readable safetensors file: {exc}.") from exc
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise LoadError(
+                f"Model file '{path}' is a pickle that holds more than tensors (probably a whole "
+                "nn.Module), and loading it would run code from the file. Load it only if you trust "
+                "its source, by allowing pickles; or save a state_dict, a torch.export program or "
+                "TorchScript instead."
+            ) from exc
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise LoadError(f"Model file '{path}' is not a PyTorch checkpoint: {exc}.") from exc
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, "pickle", path)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return _from_state_dict(obj, path, arch, "state_dict")
+    raise LoadError(
+        f"Model file '{path}' holds a {type(obj).__name__}, not a state_dict or an nn.Module. "
+        "Expected a state_dict, a pickled nn.Module, TorchScript, a torch.export .pt2 or a safetensors file."
+    )
+
+
+def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | None, fmt: str) -> LoadedModel:
+    if arch is None:
+        raise LoadError(
+            f"Model file '{path}' holds only weights (a state_dict); name the architecture that "
+            "builds the module, as package.module:callable."
+        )
+    module = resolve_callable(arch)()
+    if not isinstance(module, nn.Module):
+        raise LoadError(f"The architecture {arch!r} returned a {type(module).__name__}, not an nn.Module.")
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise LoadError(
+            f"The weights in '{path}' do not fit the architecture {arch!r}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}."
+        )
+    return LoadedModel(module, fmt, path)
+
+
+def _load_export(path: Path) -> LoadedModel:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"Model file '{path}' is not a torch.export program: {exc}.") from exc
+    return LoadedModel(program.module(), "export", path)
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise LoadError(f"Model file '{path}' looks like TorchScript but does not load: {exc}.") from exc
+    note = ("TorchScript modules refuse forward hooks, so only weights are calibrated; export the model "
+            "with torch.export (.pt2) to calibrate activations too.")
+    return LoadedModel(module, "torchscript", path, hookable=False, note=note)
+
+
+def _load_huggingface(path: Path) -> LoadedModel:
+    if not (path / "config.json").is_file():
+        raise LoadError(f"Model folder '{path}' has no config.json; expected a Hugging Face model folder.")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise LoadError(f"Model folder '{path}' is a Hugging Face model; install transformers to load it.") from exc
+    try:  # eager attention: scaled_dot_product_attention would hide probabilities @ V
+        module = transformers.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    except Exception as exc:
+        raise LoadError(f"Could not load the Hugging Face model in '{path}' offline: {exc}.") from exc
+    return LoadedModel(module, "huggingface", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+
+
+@dataclass
+class TensorData:
+    """Calibration samples held in memory: positional ``args`` or keyword ``kwargs``, first dim = samples."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None
+    source: str
+
+    @property
+    def num_samples(self) -> int:
+        first = self.args[0] if self.args else next(iter(self.kwargs.values()))
+        return int(first.shape[0])
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        return Batch(tuple(a[index] for a in self.args), {k: v[index] for k, v in self.kwargs.items()},
+                     None if self.labels is None else self.labels[index])
+
+
+def load_data(path: str | Path) -> TensorData:
+    """Read a tensor file (.pt weights-only, .safetensors, .npy, .npz) of samples along the first dim.
+
+    A dict becomes keyword arguments (``labels`` is set aside); a single tensor is positional.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"Data file '{path}' does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            obj: Any = _read_safetensors(path, "Data file")
+        elif path.suffix == ".npy":
+            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                obj = {k: torch.from_numpy(npz[k]) for k in npz.files}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except LoadError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise LoadError(f"Data file '{path}' holds more than tensors; calibration data loads weights-only.") from exc
+    except Exception as exc:
+        raise LoadError(f"Data file '{path}' could not be read as tensors: {exc}.") from exc
+    if isinstance(obj, torch.Tensor):
+        data = TensorData((obj,), {}, None, str(path))
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        data = TensorData(tuple(obj), {}, None, str(path))
+    elif isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
+        labels = next((obj[k] for k in LABEL_KEYS if k in obj), None)
+        data = TensorData((), {k: v for k, v in obj.items() if k not in LABEL_KEYS}, labels, str(path))
+    else:
+        raise LoadError(f"Data file '{path}' holds a {type(obj).__name__}; expected a tensor or a dict of tensors.")
+    sizes = {f"arg{i}": int(t.shape[0]) if t.dim() else 0 for i, t in enumerate(data.args)}
+    sizes |= {k: int(t.shape[0]) if t.dim() else 0 for k, t in data.kwargs.items()}
+    if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise LoadError(
+            f"Data file '{path}': every tensor needs the same number of samples in its first dimension; "
+            f"got {sizes}."
+        )
+    return data
+
+
+def plan_batches(num_samples: int, batch_size: int, count: int, seed: int, skip: int = 0) -> list[torch.Tensor]:
+    """Sample indices of ``count`` random batches, reproducible from ``seed``.
+
+    Batches are consecutive slices of seeded permutations; ``skip`` batches are passed over first, so
+    held-out batches (skip = the calibration count) never reuse a calibration sample while samples last.
+    """
+    if batch_size < 1 or count < 1:
+        raise LoadError(f"Batch size and batch count must be positive: got {batch_size} and {count}.")
+    gen = torch.Generator().manual_seed(seed)
+    needed = (skip + count) * batch_size
+    order = torch.cat([torch.randperm(num_samples, generator=gen) for _ in range(-(-needed // num_samples))])
+    if needed > num_samples:
+        warnings.warn(
+            f"{skip + count} batches of {batch_size} need {needed} samples but the data has {num_samples}; "
+            "samples repeat across batches.",
+            OctavcalWarning,
+            stacklevel=2,
+        )
+    return [order[(skip + i) * batch_size : (skip + i + 1) * batch_size] for i in range(count)]
+
+
+def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
+    """Batches from ``package.module:callable`` returning an iterable (e.g. a DataLoader).
+
+    Each item: a tensor (positional), a dict (keyword arguments), or a tuple/list whose first element
+    is the model input (the rest, e.g. labels, is set aside). The first ``count`` items are used.
+    """
+    torch.manual_seed(seed)
+    source = resolve_callable(spec, "data callable")()
+    if not isinstance(source, Iterable):
+        raise LoadError(f"The data callable {spec!r} returned a {type(source).__name__}, not an iterable of batches.")
+    for i, item in enumerate(source):
+        if i >= count:
+            return
+        yield as_batch(item, f"batch {i} of {spec!r}")
+
+
+def as_batch(item: Any, where: str) -> Batch:
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, torch.Tensor):
+        return Batch((item,))
+    if isinstance(item, dict):
+        labels = next((item[k] for k in LABEL_KEYS if k in item), None)
+        return Batch((), {k: v for k, v in item.items() if k not in LABEL_KEYS}, labels)
+    if isinstance(item, (list, tuple)) and item:
+        rest = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
+        return Batch((item[0],), {}, rest) if not isinstance(item[0], dict) else Batch((), dict(item[0]), rest)
+    raise LoadError(f"{where} is a {type(item).__name__}; expected a tensor, a dict or a tuple of tensors.")

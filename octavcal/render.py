@@ -1,0 +1,117 @@
+"""Terminal rendering (rich) and machine summaries of results; no computation happens here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .scales import ScaleTable
+
+console = Console()  # results: stdout
+
+
+@contextmanager
+def progress_bar(disabled: bool) -> Iterator[Any]:
+    """A progress callback drawing one tqdm bar per stage on stderr (off when not a TTY or disabled)."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+    off = disabled or not sys.stderr.isatty()
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if off:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=stage.rstrip("s"), file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _fmt(values: Any) -> str:
+    flat = values.reshape(-1)
+    if flat.numel() == 1:
+        return f"{flat.item():.5g}"
+    return f"[{flat.min().item():.4g} .. {flat.max().item():.4g}] ({flat.numel()})"
+
+
+def scales_summary(table: ScaleTable, path: Path, *, full: bool = False, method: str | None = None) -> dict[str, Any]:
+    """JSON-able summary: counts by role, seconds per method, and (full) every target's amax."""
+    seconds: dict[str, float] = {}
+    for entry in table.targets.values():
+        for name, result in entry.methods.items():
+            seconds[name] = seconds.get(name, 0.0) + result.seconds
+    out: dict[str, Any] = {
+        "output": str(path),
+        "targets": len(table.targets),
+        "weights": sum(e.kind == "weight" for e in table.targets.values()),
+        "activations": sum(e.kind == "activation" for e in table.targets.values()),
+        "unsigned": sorted(t for t, e in table.targets.items() if not e.signed),
+        "masked": sorted(t for t, e in table.targets.items() if e.masked),
+        "skipped": table.meta.get("skipped", []),
+        "methods": table.methods,
+        "seconds_per_method": {k: round(v, 6) for k, v in seconds.items()},
+        "meta": {k: v for k, v in table.meta.items() if k != "targets"},
+    }
+    if full:
+        out["scales"] = {
+            tid: {**e.describe(table.convention),
+                  "amax": {m: r.amax.tolist() for m, r in e.methods.items() if method in (None, m)},
+                  "scale": {m: r.scale(e.grid(table.convention)).tolist()
+                            for m, r in e.methods.items() if method in (None, m)}}
+            for tid, e in table.targets.items()
+        }
+    return out
+
+
+def render_calibration(table: ScaleTable, path: Path) -> None:
+    """Summary after `calibrate`: targets by role, bits and grid; time per method; the output path."""
+    groups: dict[tuple[str, int, str, str], int] = {}
+    for e in table.targets.values():
+        role = e.role if e.kind == "weight" or e.role == "input" else e.role.split(".")[-1]
+        key = (f"{e.kind}: {e.op} {role}", e.bits, "signed" if e.signed else "unsigned",
+               "per-channel" if e.axis is not None else "per-tensor")
+        groups[key] = groups.get(key, 0) + 1
+    tbl = Table(title=f"Calibrated {len(table.targets)} targets over {table.meta.get('batches')} batches")
+    for col in ("targets", "bits", "grid", "granularity", "count"):
+        tbl.add_column(col, justify="right" if col in ("bits", "count") else "left")
+    for (what, bits, grid, gran), count in sorted(groups.items()):
+        tbl.add_row(what, str(bits), grid, gran, str(count))
+    console.print(tbl)
+    summary = scales_summary(table, path)
+    timing = Table(title="Time per method (all targets)")
+    timing.add_column("method")
+    timing.add_column("seconds", justify="right")
+    for name, sec in summary["seconds_per_method"].items():
+        timing.add_row(name, f"{sec:.3f}")
+    console.print(timing)
+    if summary["masked"]:
+        console.print(f"Padding left out of {len(summary['masked'])} targets (attention_mask == 0).")
+    if summary["skipped"]:
+        console.print(f"Skipped: {', '.join(summary['skipped'])}")
+    console.print(f"Wrote {path}")
+
+
+def render_scales(table: ScaleTable, method: str | None) -> None:
+    """`inspect`: one row per target, one column per method's amax."""
+    methods = [m for m in table.methods if method in (None, m)]
+    tbl = Table(title=f"{len(table.targets)} targets, grid {table.convention}, "
+                      f"{table.meta.get('batches')} batches, seed {table.meta.get('seed')}")
+    tbl.add_column("target", overflow="fold")
+    for col in ("bits", "grid", "axis", *methods):
+        tbl.add_column(col)
+    for tid, e in table.targets.items():
+        tbl.add_row(tid, str(e.bits), "signed" if e.signed else "unsigned", "-" if e.axis is None else str(e.axis),
+                    *[_fmt(e.methods[m].amax) if m in e.methods else "-" for m in methods])
+    console.print(tbl)
