@@ -25,7 +25,19 @@ from .methods import (
 
 __version__ = "0.1.0"
 
+from .calibrate import CalibrationConfig, calibrate  # noqa: E402 (needs __version__)
+from .loading import Batch, load_data, load_model  # noqa: E402
+from .scales import ScaleTable, load_scales, save_scales  # noqa: E402
+
 __all__ = [
+    "Batch",
+    "CalibrationConfig",
+    "ScaleTable",
+    "calibrate",
+    "load_data",
+    "load_model",
+    "load_scales",
+    "save_scales",
     "CalibrationError",
     "DataError",
     "Grid",

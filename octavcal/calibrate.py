@@ -7,6 +7,7 @@ with one batch, not with the number of batches. Weights are calibrated once.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -100,6 +101,7 @@ class _Calibrator:
         self.acc: dict[str, _Accumulator] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
+        self.batches_seen = 0
         self.mask: torch.Tensor | None = None
         # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
@@ -192,41 +194,45 @@ def calibrate(
     *,
     seed: int | None = None,
     progress: Progress | None = None,
+    total_batches: int | None = None,
 ) -> ScaleTable:
     """Calibrate every Linear/Conv weight and input and every matmul operand of ``model``.
 
-    ``batches`` are run in order (move them to the model's device first); each method's per-batch
-    candidates are averaged (Appendix E.3). ``progress(stage, done, total)`` reports 'batches' and
+    ``batches`` (any iterable, consumed lazily; already on the model's device) are run in order;
+    each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done, total)`` reports 'batches' and
     'weights'. Returns a ScaleTable for ``save_scales``.
     """
     config = config or CalibrationConfig()
     methods = config.validate()
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, "module", None)  # type: ignore[arg-type]
-    batch_list = list(batches) if loaded.hookable else []
-    if loaded.hookable and not batch_list:
+    stream = iter(batches if loaded.hookable else ())
+    first = next(stream, None)
+    if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
 
     # A discovery pass over the first batch finds the targets and the layer order (for first/last bits)
     # and fails early, with the layer named, when the data does not fit the model.
     found: list[Target] = []
-    if loaded.hookable:
+    if first is not None:
         with capture_activations(loaded, lambda t, _: found.append(t)) as run:
-            run(batch_list[0])
+            run(first)
     weights = weight_targets(loaded.module)
     layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [w[0].module for w in weights]
     rules = _bit_rules(config, list(dict.fromkeys(found)) + [w[0] for w in weights], layer_order)
     if loaded.hookable and not found:
         raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
 
+    # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
     calibrator = _Calibrator(config, methods, rules)
-    if loaded.hookable:
+    if first is not None:
         with capture_activations(loaded, calibrator.deliver) as run:
-            for i, batch in enumerate(batch_list):
+            for i, batch in enumerate(itertools.chain([first], stream)):
                 calibrator.batch_index = i
                 calibrator.start_batch(batch)
                 run(batch)
+                calibrator.batches_seen = i + 1
                 if progress:
-                    progress("batches", i + 1, len(batch_list))
+                    progress("batches", i + 1, total_batches)
     targets = calibrator.activation_scales()
 
     for i, (target, weight, axis) in enumerate(weights):
@@ -248,7 +254,7 @@ def calibrate(
                  "zero_point": 0, "scale": "amax / qmax", "rounding": "half to even"},
         "methods": [m.name for m in methods],
         "reduction": "mean of per-batch candidates (Appendix E.3)",
-        "batches": len(batch_list),
+        "batches": calibrator.batches_seen,
         "seed": seed,
         "bits": config.bits,
         "first_last_bits": config.first_last_bits,

@@ -105,15 +105,16 @@ def calibrate_command(model: Path, data: str, arch: str | None, bits: int, layer
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev,
                         dtype=DTYPES[dtype] if dtype else None)
+    cast = DTYPES[dtype] if dtype else None
     if ":" in data and not Path(data).exists():
-        batches = list(batches_from_callable(data, num_batches, seed))
+        source = batches_from_callable(data, num_batches, seed)
     else:
         tensors = load_data(data)
-        batches = [tensors.batch(i) for i in plan_batches(tensors.num_samples, batch_size, num_batches, seed)]
-    batches = [b.to(dev, DTYPES[dtype] if dtype else None) for b in batches]
+        source = (tensors.batch(i) for i in plan_batches(tensors.num_samples, batch_size, num_batches, seed))
+    batches = (b.to(dev, cast) for b in source)  # made one at a time, as calibration pulls them
     output = output or model.with_name(model.name.split(".")[0] + ".scales.safetensors")
     with progress_bar(quiet or as_json) as progress:
-        table = calibrate(loaded, batches, config, seed=seed, progress=progress)
+        table = calibrate(loaded, batches, config, seed=seed, progress=progress, total_batches=num_batches)
     if loaded.note:
         click.echo(f"Warning: {loaded.note}", err=True)
     save_scales(table, output)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import CalibrationError
+from .errors import CalibrationError, OctavcalError
 from .loading import Batch, LoadedModel
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -161,7 +161,7 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
             try:
                 with torch.no_grad(), _OperandMode(stack, positions, deliver):
                     return model(*batch.args, **batch.kwargs)
-            except CalibrationError:
+            except OctavcalError:
                 raise
             except Exception as exc:
                 failing[:] = stack[1:]
@@ -207,12 +207,21 @@ class _ExportRunner(torch.fx.Interpreter):
         try:
             with torch.no_grad():
                 out = self.run(*flat)
-            return torch.utils._pytree.tree_unflatten(out, self.module._out_spec) if self.module._out_spec else out
-        except CalibrationError:
+            spec = getattr(self.module, "_out_spec", None)
+            return torch.utils._pytree.tree_unflatten(list(out), spec) if isinstance(out, (list, tuple)) and spec else out
+        except OctavcalError:
             raise
         except Exception as exc:
+            if "Guard failed" in str(exc):
+                guard = str(exc).split("\n")[0]
+                raise CalibrationError(
+                    f"The exported program does not accept a batch with inputs {batch.describe()} ({guard}). "
+                    "It was exported with fixed shapes: export it with a dynamic batch dimension "
+                    "(torch.export.Dim), or use batches of the exported size."
+                ) from exc
+            where = f"in module '{self.current}'" if self.current else "in its graph"
             raise CalibrationError(
-                f"The exported program failed in module '{self.current}' on a batch with inputs "
+                f"The exported program failed {where} on a batch with inputs "
                 f"{batch.describe()}: {type(exc).__name__}: {exc}"
             ) from exc
 

@@ -128,11 +128,25 @@ def load_model(
         loaded = _load_torchscript(path)
     else:
         loaded = _load_torch_file(path, arch, allow_pickle)
-    if dtype is not None and loaded.format != "export":
+    if loaded.format == "export":  # an exported graph is already in inference form; .to/.eval refuse
+        if dtype is not None or str(device) != "cpu":
+            loaded.module = _moved_export(loaded.module, device, dtype)
+        return loaded
+    if dtype is not None:
         loaded.module.to(dtype)
     loaded.module.to(device)
     loaded.module.eval()
     return loaded
+
+
+def _moved_export(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Move an exported program's weights in place (its GraphModule refuses ``.to``)."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        moved = tensor.data.to(device, dtype if dtype is not None and tensor.is_floating_point() else None)
+        tensor.data = moved
+        del parent
+    return module
 
 
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -156,6 +170,8 @@ def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> Loaded
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # junk bytes fail the same unpickler differently
+            raise LoadError(f"Model file '{path}' is not a PyTorch checkpoint: {str(exc).splitlines()[0]}.") from exc
         if not allow_pickle:
             raise LoadError(
                 f"Model file '{path}' is a pickle that holds more than tensors (probably a whole "
@@ -275,7 +291,9 @@ def load_data(path: str | Path) -> TensorData:
     except LoadError:
         raise
     except pickle.UnpicklingError as exc:
-        raise LoadError(f"Data file '{path}' holds more than tensors; calibration data loads weights-only.") from exc
+        if "Unsupported global" in str(exc):
+            raise LoadError(f"Data file '{path}' holds more than tensors; calibration data loads weights-only.") from exc
+        raise LoadError(f"Data file '{path}' could not be read as tensors: {str(exc).splitlines()[0]}.") from exc
     except Exception as exc:
         raise LoadError(f"Data file '{path}' could not be read as tensors: {exc}.") from exc
     if isinstance(obj, torch.Tensor):

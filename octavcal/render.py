@@ -13,7 +13,8 @@ from rich.table import Table
 
 from .scales import ScaleTable
 
-console = Console()  # results: stdout
+# Results go to stdout; piped output gets a wide page rather than rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @contextmanager

@@ -1,0 +1,153 @@
+"""calibrate() end to end on the sample models, checked against independent hooks and core calls."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import octavcal
+from octavcal import CalibrationConfig, CalibrationError, DataError, calibrate
+from octavcal.loading import load_data, load_model, plan_batches
+
+
+def batches_of(paths, count=4, batch_size=32, seed=0):
+    data = load_data(paths["data"])
+    return [data.batch(i) for i in plan_batches(data.num_samples, batch_size, count, seed)]
+
+
+def record_layer_inputs(model, batches):
+    """Independent reference: plain forward hooks on every Linear/Conv, inputs kept per batch."""
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0]))
+               for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_cnn_targets_names_shapes_and_signedness(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    batches = batches_of(cnn_paths)
+    table = calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav", "max")))
+    layers = ["conv1", "conv2", "fc1", "fc2"]
+    assert sorted(table.targets) == sorted([f"{n}:input" for n in layers] + [f"{n}:weight" for n in layers])
+    for name in layers:
+        w = table.targets[f"{name}:weight"]
+        out_channels = loaded.module.get_submodule(name).weight.shape[0]
+        assert w.axis == 0 and w.methods["octav"].amax.shape == (out_channels,)
+    inputs = record_layer_inputs(loaded.module, batches)
+    for name, xs in inputs.items():
+        nonnegative = all(bool((x >= 0).all()) for x in xs)
+        assert table.targets[f"{name}:input"].signed == (not nonnegative), name
+
+
+def test_octav_scalar_is_the_mean_of_core_octav_over_batches(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    batches = batches_of(cnn_paths, count=5)
+    table = calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav", "p99.99")))
+    for name, xs in record_layer_inputs(loaded.module, batches).items():
+        entry = table.targets[f"{name}:input"]
+        ref = torch.stack([octavcal.octav(x, 4, signed=entry.signed) for x in xs]).mean()
+        assert entry.methods["octav"].amax.item() == pytest.approx(ref.item(), rel=1e-6)
+        ref_p = torch.stack([octavcal.percentile(x, 99.99) for x in xs]).mean()
+        assert entry.methods["p99.99"].amax.item() == pytest.approx(ref_p.item(), rel=1e-6)
+        assert entry.methods["octav"].per_batch.shape == (5,)
+    w = loaded.module.fc1.weight.detach()
+    torch.testing.assert_close(table.targets["fc1:weight"].methods["octav"].amax, octavcal.octav(w, 4, axis=0))
+
+
+def test_transformer_finds_every_matmul_operand_and_masks_padding(transformer_paths):
+    loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
+    batches = batches_of(transformer_paths, count=3)
+    table = calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav",)))
+    for layer in ("layers.0", "layers.1"):
+        for i in (0, 1):
+            for side in ("lhs", "rhs"):
+                assert f"{layer}.attention:matmul{i}.{side}" in table.targets
+        for lin in ("attention.query", "attention.key", "attention.value", "attention.output",
+                    "intermediate", "output"):
+            assert f"{layer}.{lin}:input" in table.targets and f"{layer}.{lin}:weight" in table.targets
+    # Q, K and V read one tensor: computed once, reported as shared.
+    q, k = table.targets["layers.0.attention.query:input"], table.targets["layers.0.attention.key:input"]
+    assert k.shared_with == "layers.0.attention.query:input" and torch.equal(q.methods["octav"].amax,
+                                                                              k.methods["octav"].amax)
+    # Masked: statistics of the embedding input use real rows only, computed independently here.
+    assert table.targets["embed:input"].masked
+    ref = torch.stack([octavcal.octav(b.kwargs["x"][b.kwargs["attention_mask"].bool()], 4) for b in batches]).mean()
+    assert table.targets["embed:input"].methods["octav"].amax.item() == pytest.approx(ref.item(), rel=1e-6)
+    kept = calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav",), mask_padding=False))
+    assert not kept.targets["embed:input"].masked
+
+
+def test_sdpa_attention_exposes_q_k_v(transformer_paths):
+    loaded = load_model(transformer_paths["model"], arch="sample_models.digits_transformer:build_sdpa")
+    table = calibrate(loaded, batches_of(transformer_paths, count=2), CalibrationConfig(methods=("max",)))
+    for role in ("sdpa0.query", "sdpa0.key", "sdpa0.value"):
+        assert f"layers.0.attention:{role}" in table.targets
+    assert not any("matmul" in t for t in table.targets)
+
+
+def test_layer_bits_skip_and_first_last(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    config = CalibrationConfig(bits=4, methods=("max",), first_last_bits=8,
+                               layer_bits=(("conv2:*", 6), ("fc1", None)))
+    table = calibrate(loaded, batches_of(cnn_paths, count=2), config)
+    bits = {t: e.bits for t, e in table.targets.items()}
+    assert bits == {"conv1:input": 8, "conv1:weight": 8, "conv2:input": 6, "conv2:weight": 6,
+                    "fc2:input": 8, "fc2:weight": 8}
+    assert table.meta["skipped"] == ["fc1:input", "fc1:weight"]
+
+
+def test_weights_unchanged_and_hooks_removed_even_when_forward_fails(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    calibrate(loaded, batches_of(cnn_paths, count=2), CalibrationConfig(methods=("octav",)))
+    bad = octavcal.loading.Batch((torch.randn(4, 3, 8, 8),))
+    with pytest.raises(CalibrationError, match=r"Layer 'conv1' \(Conv2d\) expects inputs of shape \(N, 1, \.\.\., "
+                                               r"\.\.\.\); got \(4, 3, 8, 8\)"):
+        calibrate(loaded, [bad], CalibrationConfig(methods=("octav",)))
+    for module in loaded.module.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+    after = loaded.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_in_activations_is_named(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    with torch.no_grad():
+        loaded.module.conv2.bias[0] = float("nan")
+    with pytest.raises(DataError, match=r"Activations of 'fc1' \(input\) contain NaN or Inf in batch 0"):
+        calibrate(loaded, batches_of(cnn_paths, count=1), CalibrationConfig(methods=("octav",)))
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from torch import nn
+import octavcal
+from octavcal.loading import Batch
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 64)).eval()
+def batches(n):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(n):  # 2048 x 4096 floats = 32 MiB of hidden activations per batch
+        yield Batch((torch.randn(2048, 64, generator=gen),))
+octavcal.calibrate(model, batches(int(sys.argv[1])), octavcal.CalibrationConfig(methods=("octav", "max")))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_grows_with_one_batch_not_with_n():
+    def peak(n):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n)], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    five, fifty = peak(5), peak(50)
+    assert fifty <= 1.10 * five, (five, fifty)  # keeping 45 more batches would add ~1.4 GiB
