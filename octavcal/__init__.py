@@ -25,19 +25,13 @@ from .methods import (
 
 __version__ = "0.1.0"
 
-from .calibrate import CalibrationConfig, calibrate  # noqa: E402 (needs __version__)
-from .loading import Batch, load_data, load_model  # noqa: E402
-from .scales import ScaleTable, load_scales, save_scales  # noqa: E402
+from .calibrate import CalibrationConfig, calibrate
+from .loading import Batch, load_data, load_model
+from .scales import ScaleTable, load_scales, save_scales
 
 __all__ = [
     "Batch",
     "CalibrationConfig",
-    "ScaleTable",
-    "calibrate",
-    "load_data",
-    "load_model",
-    "load_scales",
-    "save_scales",
     "CalibrationError",
     "DataError",
     "Grid",
@@ -47,11 +41,16 @@ __all__ = [
     "OctavcalError",
     "OctavcalWarning",
     "ScaleFileError",
+    "ScaleTable",
     "SpecError",
     "__version__",
     "analytic_mse",
+    "calibrate",
     "compute_amax",
     "fake_quantize",
+    "load_data",
+    "load_model",
+    "load_scales",
     "max_scaling",
     "mse_sweep",
     "octav",
@@ -59,5 +58,6 @@ __all__ = [
     "parse_methods",
     "percentile",
     "quant_mse",
+    "save_scales",
     "scale_from_amax",
 ]

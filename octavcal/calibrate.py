@@ -51,7 +51,9 @@ class CalibrationConfig:
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits)
         if self.convention not in CONVENTIONS:
-            raise SpecError(f"Unknown grid convention {self.convention!r}. Expected one of: {', '.join(CONVENTIONS)}.")
+            raise SpecError(
+                f"Unknown grid convention {self.convention!r}. Expected one of: {', '.join(CONVENTIONS)}."
+            )
         return parse_methods(list(self.methods))
 
 
@@ -65,7 +67,9 @@ def parse_layer_bits(spec: str) -> tuple[str, int | None]:
     try:
         return pattern.strip(), check_bits(int(value))
     except ValueError as exc:
-        raise SpecError(f"Layer bits {spec!r}: {value!r} is neither a bit width in [2, 16] nor 'skip'.") from exc
+        raise SpecError(
+            f"Layer bits {spec!r}: {value!r} is neither a bit width in [2, 16] nor 'skip'."
+        ) from exc
 
 
 def candidates_for(
@@ -137,16 +141,25 @@ class _Calibrator:
                 return
             bad = (~torch.isfinite(x)).sum().item() if not bool(torch.isfinite(x.abs().amax())) else 0
             if bad:
-                raise DataError(f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
-                                f"{self.batch_index} ({bad} of {x.numel()} values).")
+                raise DataError(
+                    f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
+                    f"{self.batch_index} ({bad} of {x.numel()} values)."
+                )
             nonnegative = bool(x.min() >= 0)
-            results = {"signed": candidates_for(x, self.methods, bits, signed=True, axis=None,
-                                                convention=self.config.convention)}
+            results = {
+                "signed": candidates_for(
+                    x, self.methods, bits, signed=True, axis=None, convention=self.config.convention
+                )
+            }
             if nonnegative and acc.nonnegative:  # unsigned stays possible: keep its candidates too
-                results["unsigned"] = candidates_for(x, self.methods, bits, signed=False, axis=None,
-                                                     convention=self.config.convention)
-            self.seen[key] = (weakref.ref(tensor), target.id,
-                              {"results": results, "masked": masked, "nonnegative": nonnegative})
+                results["unsigned"] = candidates_for(
+                    x, self.methods, bits, signed=False, axis=None, convention=self.config.convention
+                )
+            self.seen[key] = (
+                weakref.ref(tensor),
+                target.id,
+                {"results": results, "masked": masked, "nonnegative": nonnegative},
+            )
         acc.masked |= masked
         acc.nonnegative &= nonnegative
         for name, (amax, seconds) in results["signed"].items():
@@ -166,13 +179,25 @@ class _Calibrator:
             for name, values in chosen.items():
                 per_batch = torch.stack(values)  # (N,)
                 methods[name] = MethodScales(per_batch.mean(0), per_batch, acc.seconds.get(name, 0.0))
-            out[tid] = TargetScales(acc.target.module, acc.target.role, acc.target.op, "activation", acc.bits,
-                                    not (unsigned and bool(acc.unsigned)), None, acc.shape, methods,
-                                    acc.masked, acc.shared_with)
+            out[tid] = TargetScales(
+                acc.target.module,
+                acc.target.role,
+                acc.target.op,
+                "activation",
+                acc.bits,
+                not (unsigned and bool(acc.unsigned)),
+                None,
+                acc.shape,
+                methods,
+                acc.masked,
+                acc.shared_with,
+            )
         return out
 
 
-def _bit_rules(config: CalibrationConfig, targets: list[Target], layer_order: list[str]) -> dict[str, int | None]:
+def _bit_rules(
+    config: CalibrationConfig, targets: list[Target], layer_order: list[str]
+) -> dict[str, int | None]:
     """Bits of every target that differs from config.bits (None: skipped)."""
     edge = {layer_order[0], layer_order[-1]} if layer_order and config.first_last_bits else set()
     rules: dict[str, int | None] = {}
@@ -199,8 +224,8 @@ def calibrate(
     """Calibrate every Linear/Conv weight and input and every matmul operand of ``model``.
 
     ``batches`` (any iterable, consumed lazily; already on the model's device) are run in order;
-    each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done, total)`` reports 'batches' and
-    'weights'. Returns a ScaleTable for ``save_scales``.
+    each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done, total)``
+    reports 'batches' and 'weights'. Returns a ScaleTable for ``save_scales``.
     """
     config = config or CalibrationConfig()
     methods = config.validate()
@@ -217,7 +242,9 @@ def calibrate(
         with capture_activations(loaded, lambda t, _: found.append(t)) as run:
             run(first)
     weights = weight_targets(loaded.module)
-    layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [w[0].module for w in weights]
+    layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [
+        w[0].module for w in weights
+    ]
     rules = _bit_rules(config, list(dict.fromkeys(found)) + [w[0] for w in weights], layer_order)
     if loaded.hookable and not found:
         raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
@@ -243,15 +270,28 @@ def calibrate(
         kept = axis if config.per_channel_weights else None
         results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
         targets[target.id] = TargetScales(
-            target.module, "weight", target.op, "weight", bits, True, kept, list(weight.shape),
-            {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()})
+            target.module,
+            "weight",
+            target.op,
+            "weight",
+            bits,
+            True,
+            kept,
+            list(weight.shape),
+            {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
+        )
         if progress:
             progress("weights", i + 1, len(weights))
 
     meta = {
         "octavcal_version": __version__,
-        "grid": {"convention": config.convention, "narrow_range": config.convention == "runtime",
-                 "zero_point": 0, "scale": "amax / qmax", "rounding": "half to even"},
+        "grid": {
+            "convention": config.convention,
+            "narrow_range": config.convention == "runtime",
+            "zero_point": 0,
+            "scale": "amax / qmax",
+            "rounding": "half to even",
+        },
         "methods": [m.name for m in methods],
         "reduction": "mean of per-batch candidates (Appendix E.3)",
         "batches": calibrator.batches_seen,

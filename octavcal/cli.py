@@ -55,7 +55,12 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,29 +71,70 @@ def main() -> None:
 
 @main.command("calibrate")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable.")
-@click.option("--arch", help="package.module:callable (or file.py:callable) that builds the module for a state_dict.")
+@click.option(
+    "--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable."
+)
+@click.option(
+    "--arch", help="package.module:callable (or file.py:callable) that builds the module for a state_dict."
+)
 @click.option("--bits", default=8, show_default=True, type=int, help="Bit width for every target.")
-@click.option("--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern.")
-@click.option("--first-last-8bit", is_flag=True, help="Keep the first and last Linear/Conv at 8 bits (Appendix E.2).")
-@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Comma-separated methods.")
-@click.option("--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use.")
+@click.option(
+    "--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern."
+)
+@click.option(
+    "--first-last-8bit", is_flag=True, help="Keep the first and last Linear/Conv at 8 bits (Appendix E.2)."
+)
+@click.option(
+    "--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Comma-separated methods."
+)
+@click.option(
+    "--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use."
+)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel.")
-@click.option("--keep-padding", is_flag=True, help="Include padded positions (attention_mask == 0) in statistics.")
-@click.option("--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors].")
+@click.option(
+    "--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel."
+)
+@click.option(
+    "--keep-padding", is_flag=True, help="Include padded positions (attention_mask == 0) in statistics."
+)
+@click.option(
+    "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors]."
+)
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
-@click.option("--allow-pickle", is_flag=True, help="Load a pickled nn.Module (runs code from the file: trusted files only).")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load a pickled nn.Module (runs code from the file: trusted files only).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 @friendly_errors
-def calibrate_command(model: Path, data: str, arch: str | None, bits: int, layer_bits: tuple[str, ...],
-                      first_last_8bit: bool, methods: str, num_batches: int, batch_size: int, seed: int,
-                      per_tensor_weights: bool, keep_padding: bool, convention: str, output: Path | None,
-                      device: str | None, dtype: str | None, allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+def calibrate_command(
+    model: Path,
+    data: str,
+    arch: str | None,
+    bits: int,
+    layer_bits: tuple[str, ...],
+    first_last_8bit: bool,
+    methods: str,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    per_tensor_weights: bool,
+    keep_padding: bool,
+    convention: str,
+    output: Path | None,
+    device: str | None,
+    dtype: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Calibrate MODEL's clipping scalars on calibration data and write a scale file.
 
     \b
@@ -98,13 +144,19 @@ def calibrate_command(model: Path, data: str, arch: str | None, bits: int, layer
           --data sample_models/digits_cnn.calib.safetensors --bits 4
     """
     config = CalibrationConfig(
-        bits=bits, methods=tuple(methods.split(",")), layer_bits=tuple(parse_layer_bits(s) for s in layer_bits),
-        first_last_bits=8 if first_last_8bit else None, per_channel_weights=not per_tensor_weights,
-        mask_padding=not keep_padding, convention=convention)
+        bits=bits,
+        methods=tuple(methods.split(",")),
+        layer_bits=tuple(parse_layer_bits(s) for s in layer_bits),
+        first_last_bits=8 if first_last_8bit else None,
+        per_channel_weights=not per_tensor_weights,
+        mask_padding=not keep_padding,
+        convention=convention,
+    )
     config.validate()
     dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev,
-                        dtype=DTYPES[dtype] if dtype else None)
+    loaded = load_model(
+        model, arch=arch, allow_pickle=allow_pickle, device=dev, dtype=DTYPES[dtype] if dtype else None
+    )
     cast = DTYPES[dtype] if dtype else None
     if ":" in data and not Path(data).exists():
         source = batches_from_callable(data, num_batches, seed)
@@ -141,4 +193,3 @@ def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
         click.echo(json.dumps(scales_summary(table, scales, full=True, method=method), indent=2))
     else:
         render_scales(table, method)
-

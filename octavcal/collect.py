@@ -26,10 +26,20 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LAYER_TYPES = (nn.Linear, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)
 _SCRIPT_LAYER_NAMES = {t.__name__ for t in LAYER_TYPES}
-_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__,
-            torch.Tensor.__rmatmul__}
-_ATEN_LAYERS = {torch.ops.aten.linear.default: "Linear", torch.ops.aten.conv1d.default: "Conv1d",
-                torch.ops.aten.conv2d.default: "Conv2d", torch.ops.aten.conv3d.default: "Conv3d"}
+_MATMULS = {
+    torch.matmul,
+    torch.bmm,
+    torch.Tensor.matmul,
+    torch.Tensor.bmm,
+    torch.Tensor.__matmul__,
+    torch.Tensor.__rmatmul__,
+}
+_ATEN_LAYERS = {
+    torch.ops.aten.linear.default: "Linear",
+    torch.ops.aten.conv1d.default: "Conv1d",
+    torch.ops.aten.conv2d.default: "Conv2d",
+    torch.ops.aten.conv3d.default: "Conv3d",
+}
 _ATEN_MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 
 
@@ -60,7 +70,9 @@ def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
     their graph (weights are the second argument of each linear/conv node).
     """
     found: list[tuple[Target, torch.Tensor, int]] = []
-    if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+    if isinstance(model, torch.fx.GraphModule) and not any(
+        isinstance(m, LAYER_TYPES) for m in model.modules()
+    ):
         for node in model.graph.nodes:
             if node.op == "call_function" and node.target in _ATEN_LAYERS and node.args[1].op == "get_attr":
                 weight = _get_attr(model, node.args[1].target)
@@ -68,7 +80,9 @@ def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
         return found
     for name, module in model.named_modules():
         op = getattr(module, "original_name", type(module).__name__)
-        if isinstance(module, LAYER_TYPES) or (isinstance(module, torch.jit.ScriptModule) and op in _SCRIPT_LAYER_NAMES):
+        if isinstance(module, LAYER_TYPES) or (
+            isinstance(module, torch.jit.ScriptModule) and op in _SCRIPT_LAYER_NAMES
+        ):
             axis = 1 if isinstance(module, TRANSPOSED_CONV_TYPES) or op.startswith("ConvTranspose") else 0
             found.append((Target(name, "weight", op), module.weight.detach(), axis))
     return found
@@ -117,7 +131,7 @@ class _OperandMode(TorchFunctionMode):
             module = self.stack[-1]
             i = self.positions.next(module, "sdpa")
             names = ("query", "key", "value")
-            tensors = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):] if n in kwargs]
+            tensors = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]) :] if n in kwargs]
             for name, tensor in zip(names, tensors, strict=False):
                 self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), tensor)
         return func(*args, **kwargs)
@@ -130,7 +144,9 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
     ``run`` raises CalibrationError naming the innermost module when the forward pass fails.
     """
     model = loaded.module
-    if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+    if isinstance(model, torch.fx.GraphModule) and not any(
+        isinstance(m, LAYER_TYPES) for m in model.modules()
+    ):
         yield _ExportRunner(model, deliver).run_batch
         return
     stack: list[str] = [""]
@@ -144,6 +160,7 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
             if isinstance(module, LAYER_TYPES) and args and isinstance(args[0], torch.Tensor):
                 _check_layer_input(name, module, args[0])
                 deliver(Target(name, "input", type(module).__name__), args[0])
+
         return hook
 
     def pop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -181,7 +198,8 @@ def _check_layer_input(name: str, module: nn.Module, x: torch.Tensor) -> None:
     """Name the layer, the shape seen and the shape expected, before PyTorch's own error does less."""
     if isinstance(module, nn.Linear) and (x.dim() == 0 or x.shape[-1] != module.in_features):
         raise CalibrationError(
-            f"Layer '{name}' (Linear) expects inputs of shape (..., {module.in_features}); got {tuple(x.shape)}."
+            f"Layer '{name}' (Linear) expects inputs of shape (..., {module.in_features}); "
+            f"got {tuple(x.shape)}."
         )
     if isinstance(module, (*CONV_TYPES, *TRANSPOSED_CONV_TYPES)):
         dims = int(type(module).__name__[-2])
@@ -208,7 +226,11 @@ class _ExportRunner(torch.fx.Interpreter):
             with torch.no_grad():
                 out = self.run(*flat)
             spec = getattr(self.module, "_out_spec", None)
-            return torch.utils._pytree.tree_unflatten(list(out), spec) if isinstance(out, (list, tuple)) and spec else out
+            return (
+                torch.utils._pytree.tree_unflatten(list(out), spec)
+                if isinstance(out, (list, tuple)) and spec
+                else out
+            )
         except OctavcalError:
             raise
         except Exception as exc:

@@ -54,8 +54,9 @@ class Batch:
             t = t.to(device)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()},
-                     self.labels)
+        return Batch(
+            tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, self.labels
+        )
 
     def describe(self) -> str:
         """Shapes and dtypes of the inputs, for error messages."""
@@ -77,7 +78,9 @@ def _shape(t: Any) -> str:
 def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any]:
     """Import ``package.module:callable`` or ``path/to/file.py:callable`` (user code, run on request)."""
     if ":" not in spec:
-        raise LoadError(f"The {what} {spec!r} is not of the form package.module:callable or file.py:callable.")
+        raise LoadError(
+            f"The {what} {spec!r} is not of the form package.module:callable or file.py:callable."
+        )
     target, name = spec.rsplit(":", 1)
     try:
         if target.endswith(".py"):
@@ -95,7 +98,9 @@ def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any
     except LoadError:
         raise
     except Exception as exc:
-        raise LoadError(f"Could not import the {what} module {target!r}: {type(exc).__name__}: {exc}.") from exc
+        raise LoadError(
+            f"Could not import the {what} module {target!r}: {type(exc).__name__}: {exc}."
+        ) from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise LoadError(f"The {what} {spec!r}: module {target!r} has no callable named {name!r}.")
@@ -171,7 +176,9 @@ def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> Loaded
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # junk bytes fail the same unpickler differently
-            raise LoadError(f"Model file '{path}' is not a PyTorch checkpoint: {str(exc).splitlines()[0]}.") from exc
+            raise LoadError(
+                f"Model file '{path}' is not a PyTorch checkpoint: {str(exc).splitlines()[0]}."
+            ) from exc
         if not allow_pickle:
             raise LoadError(
                 f"Model file '{path}' is a pickle that holds more than tensors (probably a whole "
@@ -228,8 +235,10 @@ def _load_torchscript(path: Path) -> LoadedModel:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise LoadError(f"Model file '{path}' looks like TorchScript but does not load: {exc}.") from exc
-    note = ("TorchScript modules refuse forward hooks, so only weights are calibrated; export the model "
-            "with torch.export (.pt2) to calibrate activations too.")
+    note = (
+        "TorchScript modules refuse forward hooks, so only weights are calibrated; export the model "
+        "with torch.export (.pt2) to calibrate activations too."
+    )
     return LoadedModel(module, "torchscript", path, hookable=False, note=note)
 
 
@@ -239,9 +248,13 @@ def _load_huggingface(path: Path) -> LoadedModel:
     try:
         import transformers
     except ImportError as exc:
-        raise LoadError(f"Model folder '{path}' is a Hugging Face model; install transformers to load it.") from exc
+        raise LoadError(
+            f"Model folder '{path}' is a Hugging Face model; install transformers to load it."
+        ) from exc
     try:  # eager attention: scaled_dot_product_attention would hide probabilities @ V
-        module = transformers.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        module = transformers.AutoModel.from_pretrained(
+            path, local_files_only=True, attn_implementation="eager"
+        )
     except Exception as exc:
         raise LoadError(f"Could not load the Hugging Face model in '{path}' offline: {exc}.") from exc
     return LoadedModel(module, "huggingface", path)
@@ -266,8 +279,11 @@ class TensorData:
         return int(first.shape[0])
 
     def batch(self, index: torch.Tensor) -> Batch:
-        return Batch(tuple(a[index] for a in self.args), {k: v[index] for k, v in self.kwargs.items()},
-                     None if self.labels is None else self.labels[index])
+        return Batch(
+            tuple(a[index] for a in self.args),
+            {k: v[index] for k, v in self.kwargs.items()},
+            None if self.labels is None else self.labels[index],
+        )
 
 
 def load_data(path: str | Path) -> TensorData:
@@ -292,8 +308,12 @@ def load_data(path: str | Path) -> TensorData:
         raise
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
-            raise LoadError(f"Data file '{path}' holds more than tensors; calibration data loads weights-only.") from exc
-        raise LoadError(f"Data file '{path}' could not be read as tensors: {str(exc).splitlines()[0]}.") from exc
+            raise LoadError(
+                f"Data file '{path}' holds more than tensors; calibration data loads weights-only."
+            ) from exc
+        raise LoadError(
+            f"Data file '{path}' could not be read as tensors: {str(exc).splitlines()[0]}."
+        ) from exc
     except Exception as exc:
         raise LoadError(f"Data file '{path}' could not be read as tensors: {exc}.") from exc
     if isinstance(obj, torch.Tensor):
@@ -304,7 +324,9 @@ def load_data(path: str | Path) -> TensorData:
         labels = next((obj[k] for k in LABEL_KEYS if k in obj), None)
         data = TensorData((), {k: v for k, v in obj.items() if k not in LABEL_KEYS}, labels, str(path))
     else:
-        raise LoadError(f"Data file '{path}' holds a {type(obj).__name__}; expected a tensor or a dict of tensors.")
+        raise LoadError(
+            f"Data file '{path}' holds a {type(obj).__name__}; expected a tensor or a dict of tensors."
+        )
     sizes = {f"arg{i}": int(t.shape[0]) if t.dim() else 0 for i, t in enumerate(data.args)}
     sizes |= {k: int(t.shape[0]) if t.dim() else 0 for k, t in data.kwargs.items()}
     if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
@@ -315,7 +337,9 @@ def load_data(path: str | Path) -> TensorData:
     return data
 
 
-def plan_batches(num_samples: int, batch_size: int, count: int, seed: int, skip: int = 0) -> list[torch.Tensor]:
+def plan_batches(
+    num_samples: int, batch_size: int, count: int, seed: int, skip: int = 0
+) -> list[torch.Tensor]:
     """Sample indices of ``count`` random batches, reproducible from ``seed``.
 
     Batches are consecutive slices of seeded permutations; ``skip`` batches are passed over first, so
@@ -345,7 +369,9 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
     torch.manual_seed(seed)
     source = resolve_callable(spec, "data callable")()
     if not isinstance(source, Iterable):
-        raise LoadError(f"The data callable {spec!r} returned a {type(source).__name__}, not an iterable of batches.")
+        raise LoadError(
+            f"The data callable {spec!r} returned a {type(source).__name__}, not an iterable of batches."
+        )
     for i, item in enumerate(source):
         if i >= count:
             return
@@ -362,5 +388,7 @@ def as_batch(item: Any, where: str) -> Batch:
         return Batch((), {k: v for k, v in item.items() if k not in LABEL_KEYS}, labels)
     if isinstance(item, (list, tuple)) and item:
         rest = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
-        return Batch((item[0],), {}, rest) if not isinstance(item[0], dict) else Batch((), dict(item[0]), rest)
+        return (
+            Batch((item[0],), {}, rest) if not isinstance(item[0], dict) else Batch((), dict(item[0]), rest)
+        )
     raise LoadError(f"{where} is a {type(item).__name__}; expected a tensor, a dict or a tuple of tensors.")

@@ -30,7 +30,9 @@ def progress_bar(disabled: bool) -> Iterator[Any]:
             return
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit=stage.rstrip("s"), file=sys.stderr, leave=False)
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit=stage.rstrip("s"), file=sys.stderr, leave=False
+            )
         bar.update(done - bar.n)
 
     try:
@@ -47,7 +49,9 @@ def _fmt(values: Any) -> str:
     return f"[{flat.min().item():.4g} .. {flat.max().item():.4g}] ({flat.numel()})"
 
 
-def scales_summary(table: ScaleTable, path: Path, *, full: bool = False, method: str | None = None) -> dict[str, Any]:
+def scales_summary(
+    table: ScaleTable, path: Path, *, full: bool = False, method: str | None = None
+) -> dict[str, Any]:
     """JSON-able summary: counts by role, seconds per method, and (full) every target's amax."""
     seconds: dict[str, float] = {}
     for entry in table.targets.values():
@@ -67,10 +71,15 @@ def scales_summary(table: ScaleTable, path: Path, *, full: bool = False, method:
     }
     if full:
         out["scales"] = {
-            tid: {**e.describe(table.convention),
-                  "amax": {m: r.amax.tolist() for m, r in e.methods.items() if method in (None, m)},
-                  "scale": {m: r.scale(e.grid(table.convention)).tolist()
-                            for m, r in e.methods.items() if method in (None, m)}}
+            tid: {
+                **e.describe(table.convention),
+                "amax": {m: r.amax.tolist() for m, r in e.methods.items() if method in (None, m)},
+                "scale": {
+                    m: r.scale(e.grid(table.convention)).tolist()
+                    for m, r in e.methods.items()
+                    if method in (None, m)
+                },
+            }
             for tid, e in table.targets.items()
         }
     return out
@@ -81,8 +90,12 @@ def render_calibration(table: ScaleTable, path: Path) -> None:
     groups: dict[tuple[str, int, str, str], int] = {}
     for e in table.targets.values():
         role = e.role if e.kind == "weight" or e.role == "input" else e.role.split(".")[-1]
-        key = (f"{e.kind}: {e.op} {role}", e.bits, "signed" if e.signed else "unsigned",
-               "per-channel" if e.axis is not None else "per-tensor")
+        key = (
+            f"{e.kind}: {e.op} {role}",
+            e.bits,
+            "signed" if e.signed else "unsigned",
+            "per-channel" if e.axis is not None else "per-tensor",
+        )
         groups[key] = groups.get(key, 0) + 1
     tbl = Table(title=f"Calibrated {len(table.targets)} targets over {table.meta.get('batches')} batches")
     for col in ("targets", "bits", "grid", "granularity", "count"):
@@ -107,12 +120,19 @@ def render_calibration(table: ScaleTable, path: Path) -> None:
 def render_scales(table: ScaleTable, method: str | None) -> None:
     """`inspect`: one row per target, one column per method's amax."""
     methods = [m for m in table.methods if method in (None, m)]
-    tbl = Table(title=f"{len(table.targets)} targets, grid {table.convention}, "
-                      f"{table.meta.get('batches')} batches, seed {table.meta.get('seed')}")
+    tbl = Table(
+        title=f"{len(table.targets)} targets, grid {table.convention}, "
+        f"{table.meta.get('batches')} batches, seed {table.meta.get('seed')}"
+    )
     tbl.add_column("target", overflow="fold")
     for col in ("bits", "grid", "axis", *methods):
         tbl.add_column(col)
     for tid, e in table.targets.items():
-        tbl.add_row(tid, str(e.bits), "signed" if e.signed else "unsigned", "-" if e.axis is None else str(e.axis),
-                    *[_fmt(e.methods[m].amax) if m in e.methods else "-" for m in methods])
+        tbl.add_row(
+            tid,
+            str(e.bits),
+            "signed" if e.signed else "unsigned",
+            "-" if e.axis is None else str(e.axis),
+            *[_fmt(e.methods[m].amax) if m in e.methods else "-" for m in methods],
+        )
     console.print(tbl)

@@ -64,10 +64,19 @@ class TargetScales:
     def describe(self, convention: str) -> dict[str, Any]:
         grid = self.grid(convention)
         return {
-            "module": self.module, "role": self.role, "op": self.op, "kind": self.kind,
-            "bits": self.bits, "signed": self.signed, "qmin": grid.qmin, "qmax": grid.qmax,
-            "granularity": "per-tensor" if self.axis is None else "per-channel", "axis": self.axis,
-            "shape": self.shape, "masked": self.masked, "shared_with": self.shared_with,
+            "module": self.module,
+            "role": self.role,
+            "op": self.op,
+            "kind": self.kind,
+            "bits": self.bits,
+            "signed": self.signed,
+            "qmin": grid.qmin,
+            "qmax": grid.qmax,
+            "granularity": "per-tensor" if self.axis is None else "per-channel",
+            "axis": self.axis,
+            "shape": self.shape,
+            "masked": self.masked,
+            "shared_with": self.shared_with,
             "methods": sorted(self.methods),
         }
 
@@ -120,7 +129,9 @@ def save_scales(table: ScaleTable, path: str | Path) -> Path:
         for method, result in sorted(entry.methods.items()):
             tensors[f"{tid}/{method}"] = result.amax.detach().to("cpu", torch.float32).contiguous()
             if result.per_batch is not None:
-                tensors[f"{tid}/{method}@batches"] = result.per_batch.detach().to("cpu", torch.float32).contiguous()
+                tensors[f"{tid}/{method}@batches"] = (
+                    result.per_batch.detach().to("cpu", torch.float32).contiguous()
+                )
     meta = dict(table.meta)
     meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
     meta["targets"] = {tid: e.describe(table.convention) for tid, e in sorted(table.targets.items())}
@@ -149,13 +160,15 @@ def load_scales(path: str | Path) -> ScaleTable:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ScaleFileError(f"Scale file '{path}' is not a readable safetensors file: {exc}.") from exc
     try:
         meta = json.loads(header["octavcal"])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ScaleFileError(f"Scale file '{path}' has no octavcal metadata; it was not written by octavcal.") from exc
+        raise ScaleFileError(
+            f"Scale file '{path}' has no octavcal metadata; it was not written by octavcal."
+        ) from exc
     version = meta.get("format_version")
     if meta.get("format") != FORMAT_NAME or not isinstance(version, int):
         raise ScaleFileError(f"Scale file '{path}' is not in the {FORMAT_NAME} format.")
@@ -169,10 +182,21 @@ def load_scales(path: str | Path) -> ScaleTable:
         methods = {}
         for method in d["methods"]:
             if f"{tid}/{method}" not in tensors:
-                raise ScaleFileError(f"Scale file '{path}' lists method '{method}' for '{tid}' but has no tensor for it.")
+                raise ScaleFileError(
+                    f"Scale file '{path}' lists method '{method}' for '{tid}' but has no tensor for it."
+                )
             methods[method] = MethodScales(tensors[f"{tid}/{method}"], tensors.get(f"{tid}/{method}@batches"))
         targets[tid] = TargetScales(
-            module=d["module"], role=d["role"], op=d["op"], kind=d["kind"], bits=d["bits"], signed=d["signed"],
-            axis=d["axis"], shape=d["shape"], methods=methods, masked=d["masked"], shared_with=d["shared_with"],
+            module=d["module"],
+            role=d["role"],
+            op=d["op"],
+            kind=d["kind"],
+            bits=d["bits"],
+            signed=d["signed"],
+            axis=d["axis"],
+            shape=d["shape"],
+            methods=methods,
+            masked=d["masked"],
+            shared_with=d["shared_with"],
         )
     return ScaleTable(targets, meta)

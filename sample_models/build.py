@@ -69,10 +69,14 @@ def main() -> None:
     mask_train, mask_test = random_padding(len(y_train), gen), random_padding(len(y_test), gen)
     train(tfm, {"x": x_train, "attention_mask": mask_train}, y_train, epochs=60, lr=2e-3)
     tfm.eval()
-    save_file({k: v.contiguous() for k, v in tfm.state_dict().items()}, HERE / "digits_transformer.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in tfm.state_dict().items()}, HERE / "digits_transformer.safetensors"
+    )
     save_file({"x": x_train, "attention_mask": mask_train}, HERE / "digits_transformer.calib.safetensors")
-    save_file({"x": x_test, "attention_mask": mask_test, "labels": y_test},
-              HERE / "digits_transformer.heldout.safetensors")
+    save_file(
+        {"x": x_test, "attention_mask": mask_test, "labels": y_test},
+        HERE / "digits_transformer.heldout.safetensors",
+    )
     acc = accuracy(tfm, {"x": x_test, "attention_mask": mask_test}, y_test)
     print(f"digits_transformer: test accuracy {acc:.4f}")
 

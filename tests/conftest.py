@@ -13,12 +13,19 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture
 def cnn_paths():
-    return {"model": SAMPLES / "digits_cnn.safetensors", "arch": "sample_models.digits_cnn:build",
-            "data": SAMPLES / "digits_cnn.calib.safetensors", "heldout": SAMPLES / "digits_cnn.heldout.safetensors"}
+    return {
+        "model": SAMPLES / "digits_cnn.safetensors",
+        "arch": "sample_models.digits_cnn:build",
+        "data": SAMPLES / "digits_cnn.calib.safetensors",
+        "heldout": SAMPLES / "digits_cnn.heldout.safetensors",
+    }
 
 
 @pytest.fixture
 def transformer_paths():
-    return {"model": SAMPLES / "digits_transformer.safetensors", "arch": "sample_models.digits_transformer:build",
-            "data": SAMPLES / "digits_transformer.calib.safetensors",
-            "heldout": SAMPLES / "digits_transformer.heldout.safetensors"}
+    return {
+        "model": SAMPLES / "digits_transformer.safetensors",
+        "arch": "sample_models.digits_transformer:build",
+        "data": SAMPLES / "digits_transformer.calib.safetensors",
+        "heldout": SAMPLES / "digits_transformer.heldout.safetensors",
+    }

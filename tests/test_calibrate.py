@@ -20,8 +20,11 @@ def batches_of(paths, count=4, batch_size=32, seed=0):
 def record_layer_inputs(model, batches):
     """Independent reference: plain forward hooks on every Linear/Conv, inputs kept per batch."""
     seen = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0]))
-               for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0]))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     try:
         with torch.no_grad():
             for b in batches:
@@ -60,7 +63,9 @@ def test_octav_scalar_is_the_mean_of_core_octav_over_batches(cnn_paths):
         assert entry.methods["p99.99"].amax.item() == pytest.approx(ref_p.item(), rel=1e-6)
         assert entry.methods["octav"].per_batch.shape == (5,)
     w = loaded.module.fc1.weight.detach()
-    torch.testing.assert_close(table.targets["fc1:weight"].methods["octav"].amax, octavcal.octav(w, 4, axis=0))
+    torch.testing.assert_close(
+        table.targets["fc1:weight"].methods["octav"].amax, octavcal.octav(w, 4, axis=0)
+    )
 
 
 def test_transformer_finds_every_matmul_operand_and_masks_padding(transformer_paths):
@@ -71,16 +76,25 @@ def test_transformer_finds_every_matmul_operand_and_masks_padding(transformer_pa
         for i in (0, 1):
             for side in ("lhs", "rhs"):
                 assert f"{layer}.attention:matmul{i}.{side}" in table.targets
-        for lin in ("attention.query", "attention.key", "attention.value", "attention.output",
-                    "intermediate", "output"):
+        for lin in (
+            "attention.query",
+            "attention.key",
+            "attention.value",
+            "attention.output",
+            "intermediate",
+            "output",
+        ):
             assert f"{layer}.{lin}:input" in table.targets and f"{layer}.{lin}:weight" in table.targets
     # Q, K and V read one tensor: computed once, reported as shared.
     q, k = table.targets["layers.0.attention.query:input"], table.targets["layers.0.attention.key:input"]
-    assert k.shared_with == "layers.0.attention.query:input" and torch.equal(q.methods["octav"].amax,
-                                                                              k.methods["octav"].amax)
+    assert k.shared_with == "layers.0.attention.query:input" and torch.equal(
+        q.methods["octav"].amax, k.methods["octav"].amax
+    )
     # Masked: statistics of the embedding input use real rows only, computed independently here.
     assert table.targets["embed:input"].masked
-    ref = torch.stack([octavcal.octav(b.kwargs["x"][b.kwargs["attention_mask"].bool()], 4) for b in batches]).mean()
+    ref = torch.stack(
+        [octavcal.octav(b.kwargs["x"][b.kwargs["attention_mask"].bool()], 4) for b in batches]
+    ).mean()
     assert table.targets["embed:input"].methods["octav"].amax.item() == pytest.approx(ref.item(), rel=1e-6)
     kept = calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav",), mask_padding=False))
     assert not kept.targets["embed:input"].masked
@@ -96,12 +110,19 @@ def test_sdpa_attention_exposes_q_k_v(transformer_paths):
 
 def test_layer_bits_skip_and_first_last(cnn_paths):
     loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
-    config = CalibrationConfig(bits=4, methods=("max",), first_last_bits=8,
-                               layer_bits=(("conv2:*", 6), ("fc1", None)))
+    config = CalibrationConfig(
+        bits=4, methods=("max",), first_last_bits=8, layer_bits=(("conv2:*", 6), ("fc1", None))
+    )
     table = calibrate(loaded, batches_of(cnn_paths, count=2), config)
     bits = {t: e.bits for t, e in table.targets.items()}
-    assert bits == {"conv1:input": 8, "conv1:weight": 8, "conv2:input": 6, "conv2:weight": 6,
-                    "fc2:input": 8, "fc2:weight": 8}
+    assert bits == {
+        "conv1:input": 8,
+        "conv1:weight": 8,
+        "conv2:input": 6,
+        "conv2:weight": 6,
+        "fc2:input": 8,
+        "fc2:weight": 8,
+    }
     assert table.meta["skipped"] == ["fc1:input", "fc1:weight"]
 
 
@@ -110,8 +131,11 @@ def test_weights_unchanged_and_hooks_removed_even_when_forward_fails(cnn_paths):
     before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
     calibrate(loaded, batches_of(cnn_paths, count=2), CalibrationConfig(methods=("octav",)))
     bad = octavcal.loading.Batch((torch.randn(4, 3, 8, 8),))
-    with pytest.raises(CalibrationError, match=r"Layer 'conv1' \(Conv2d\) expects inputs of shape \(N, 1, \.\.\., "
-                                               r"\.\.\.\); got \(4, 3, 8, 8\)"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"Layer 'conv1' \(Conv2d\) expects inputs of shape \(N, 1, \.\.\., "
+        r"\.\.\.\); got \(4, 3, 8, 8\)",
+    ):
         calibrate(loaded, [bad], CalibrationConfig(methods=("octav",)))
     for module in loaded.module.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks
@@ -146,7 +170,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 @pytest.mark.slow
 def test_peak_memory_grows_with_one_batch_not_with_n():
     def peak(n):
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(n)], capture_output=True, text=True, check=True
+        )
         return int(out.stdout.strip())
 
     five, fifty = peak(5), peak(50)

@@ -35,7 +35,9 @@ def test_wrapped_checkpoint_dicts_are_unwrapped(tmp_path, cnn, cnn_paths):
 
 
 def test_architecture_mismatch_is_named(tmp_path, cnn_paths):
-    with pytest.raises(LoadError, match="do not fit the architecture 'sample_models.digits_transformer:build'"):
+    with pytest.raises(
+        LoadError, match="do not fit the architecture 'sample_models.digits_transformer:build'"
+    ):
         load_model(cnn_paths["model"], arch="sample_models.digits_transformer:build")
     with pytest.raises(LoadError, match="no callable named 'nope'"):
         load_model(cnn_paths["model"], arch="sample_models.digits_cnn:nope")
@@ -56,13 +58,17 @@ def test_export_program_calibrates_with_the_eager_names(tmp_path, cnn, cnn_paths
     torch.export.save(fixed, tmp_path / "fixed.pt2")
     with pytest.raises(CalibrationError, match="exported with fixed shapes"):
         calibrated(load_model(tmp_path / "fixed.pt2"), cnn_paths)
-    program = torch.export.export(cnn, (torch.zeros(2, 1, 8, 8),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program = torch.export.export(
+        cnn, (torch.zeros(2, 1, 8, 8),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
     torch.export.save(program, tmp_path / "m.pt2")
     from_export = calibrated(load_model(tmp_path / "m.pt2"), cnn_paths)
     eager = calibrated(load_model(cnn_paths["model"], arch=cnn_paths["arch"]), cnn_paths)
     assert sorted(from_export.targets) == sorted(eager.targets)
     for tid, entry in eager.targets.items():
-        torch.testing.assert_close(from_export.targets[tid].methods["octav"].amax, entry.methods["octav"].amax)
+        torch.testing.assert_close(
+            from_export.targets[tid].methods["octav"].amax, entry.methods["octav"].amax
+        )
 
 
 def test_torchscript_calibrates_weights_only_and_says_so(tmp_path, cnn, cnn_paths):

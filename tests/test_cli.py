@@ -1,0 +1,161 @@
+"""The command line: exit codes, exact error lines, no output file on failure."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from octavcal import load_scales
+from octavcal.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def cnn_args(paths, out):
+    return [
+        "calibrate",
+        paths["model"],
+        "--arch",
+        paths["arch"],
+        "--data",
+        paths["data"],
+        "--bits",
+        "4",
+        "--batches",
+        "3",
+        "--batch-size",
+        "16",
+        "-o",
+        out,
+    ]
+
+
+def test_calibrate_writes_scales_and_prints_a_summary(tmp_path, cnn_paths):
+    out = tmp_path / "cnn.scales.safetensors"
+    result = run(*cnn_args(cnn_paths, out), "--methods", "octav,max")
+    assert result.exit_code == 0, result.output
+    assert "Calibrated 8 targets over 3 batches" in result.stdout and f"Wrote {out}" in result.stdout
+    table = load_scales(out)
+    assert table.methods == ["octav", "max"] and table.targets["fc2:weight"].bits == 4
+
+
+def test_calibrate_json_and_inspect(tmp_path, transformer_paths):
+    out = tmp_path / "t.safetensors"
+    result = run(
+        "calibrate",
+        transformer_paths["model"],
+        "--arch",
+        transformer_paths["arch"],
+        "--data",
+        transformer_paths["data"],
+        "--methods",
+        "octav",
+        "--batches",
+        "2",
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["targets"] == 36 and "embed:input" in summary["masked"]
+    shown = run("inspect", out, "--json", "--method", "octav")
+    assert shown.exit_code == 0
+    scales = json.loads(shown.stdout)["scales"]
+    assert scales["embed:input"]["amax"]["octav"] == pytest.approx(
+        load_scales(out).amax("embed:input", "octav").item()
+    )
+    table = run("inspect", out)
+    assert table.exit_code == 0 and "layers.1.attention:matmul1.rhs" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--methods", "octav,mse2"],
+            "Error: Unknown clipping method 'mse2'. Expected one of: octav, sweep, max, pNN.NNN.",
+        ),
+        (["--bits", "1"], "Error: bits must be an integer in [2, 16]: got 1."),
+        (
+            ["--layer-bits", "fc1=three"],
+            "Error: Layer bits 'fc1=three': 'three' is neither a bit width in [2, 16] nor 'skip'.",
+        ),
+    ],
+)
+def test_bad_options_are_one_error_line(tmp_path, cnn_paths, extra, message):
+    out = tmp_path / "o.safetensors"
+    result = run(*cnn_args(cnn_paths, out), *extra)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == message
+    assert not out.exists()
+
+
+def test_missing_and_wrong_files(tmp_path, cnn_paths, transformer_paths):
+    out = tmp_path / "o.safetensors"
+    result = run("calibrate", tmp_path / "nope.pt", "--data", cnn_paths["data"], "-o", out)
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == f"Error: Model file '{tmp_path / 'nope.pt'}' does not exist."
+    )
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
+    result = run("calibrate", tmp_path / "whole.pt", "--data", cnn_paths["data"], "-o", out)
+    assert result.exit_code == 1 and "would run code from the file" in result.stderr
+    # Data that does not fit the model: transformer inputs into the CNN.
+    args = cnn_args(cnn_paths, out)
+    args[args.index("--data") + 1] = transformer_paths["data"]
+    result = run(*args)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: The model failed in the model's own forward on a batch with inputs attention_mask (16, 8) float32, "
+        "x (16, 8, 8) float32: TypeError: DigitsCNN.forward() got an unexpected keyword argument 'attention_mask'"
+    )
+    assert "Traceback" not in result.output and not out.exists()
+    save_file({"x": torch.rand(64, 8, 8)}, tmp_path / "rows.safetensors")
+    args[args.index("--data") + 1] = tmp_path / "rows.safetensors"
+    result = run(*args)
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.strip() == (
+        "Error: Layer 'conv1' (Conv2d) expects inputs of shape (N, 1, ..., ...); got (16, 8, 8)."
+    )
+
+
+def test_data_with_nan_names_the_layer(tmp_path, cnn_paths):
+    x = torch.rand(64, 1, 8, 8)
+    x[3, 0, 2, 2] = float("nan")
+    save_file({"x": x}, tmp_path / "nan.safetensors")
+    out = tmp_path / "o.safetensors"
+    args = cnn_args(cnn_paths, out)
+    args[args.index("--data") + 1] = tmp_path / "nan.safetensors"
+    result = run(*args, "--batches", "4")
+    assert result.exit_code == 1
+    assert "Error: Activations of 'conv1' (input) contain NaN or Inf in batch" in result.stderr
+    assert not out.exists()
+
+
+def test_interrupted_run_leaves_no_file(tmp_path, cnn_paths, monkeypatch):
+    out = tmp_path / "o.safetensors"
+    import octavcal.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "calibrate", interrupted)
+    result = run(*cnn_args(cnn_paths, out))
+    assert result.exit_code == 130 and "Interrupted; no output was written." in result.stderr
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2(cnn_paths):
+    result = CliRunner().invoke(main, ["calibrate", str(cnn_paths["model"])])
+    assert result.exit_code == 2 and "Missing option '--data'" in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    for command in main.commands:
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Example:" in result.stdout, command

@@ -1,0 +1,127 @@
+"""The scale file format: round trips, determinism, atomic writes, versioning, plain safetensors access."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from octavcal import CalibrationConfig, ScaleFileError, calibrate, load_scales, save_scales
+from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.scales import FORMAT_VERSION, MethodScales, ScaleTable, TargetScales
+
+
+def table_for(paths, seed=0):
+    loaded = load_model(paths["model"], arch=paths["arch"])
+    data = load_data(paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 16, 3, seed)]
+    return calibrate(loaded, batches, CalibrationConfig(bits=4, methods=("octav", "p99.9")), seed=seed)
+
+
+def test_round_trip_is_exact_and_plain_safetensors_reads_it(tmp_path, transformer_paths):
+    table = table_for(transformer_paths)
+    path = save_scales(table, tmp_path / "s.safetensors")
+    back = load_scales(path)
+    assert sorted(back.targets) == sorted(table.targets)
+    for tid, entry in table.targets.items():
+        got = back.targets[tid]
+        assert (got.bits, got.signed, got.axis, got.role, got.module) == (
+            entry.bits,
+            entry.signed,
+            entry.axis,
+            entry.role,
+            entry.module,
+        )
+        for m, r in entry.methods.items():
+            assert torch.equal(got.methods[m].amax, r.amax)
+            if r.per_batch is not None:
+                assert torch.equal(got.methods[m].per_batch, r.per_batch)
+    plain = load_file(str(path))
+    assert torch.equal(
+        plain["layers.0.attention.query:weight/octav"], table.amax("layers.0.attention.query:weight", "octav")
+    )
+    # The scale follows from the grid written in the metadata: amax / qmax.
+    entry = back.targets["embed:input"]
+    grid = entry.grid(back.convention)
+    assert grid.qmax == (15 if not entry.signed else 7)
+    torch.testing.assert_close(entry.methods["octav"].scale(grid), entry.methods["octav"].amax / grid.qmax)
+
+
+def test_same_inputs_and_seed_give_identical_bytes(tmp_path, cnn_paths):
+    a = save_scales(table_for(cnn_paths, seed=5), tmp_path / "a.safetensors").read_bytes()
+    b = save_scales(table_for(cnn_paths, seed=5), tmp_path / "b.safetensors").read_bytes()
+    c = save_scales(table_for(cnn_paths, seed=6), tmp_path / "c.safetensors").read_bytes()
+    assert a == b and a != c
+
+
+def test_metadata_records_the_contract(tmp_path, cnn_paths):
+    path = save_scales(table_for(cnn_paths), tmp_path / "s.safetensors")
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = json.loads(header["__metadata__"]["octavcal"])
+    assert meta["format"] == "octavcal.scales" and meta["format_version"] == FORMAT_VERSION
+    assert meta["grid"] == {
+        "convention": "runtime",
+        "narrow_range": True,
+        "rounding": "half to even",
+        "scale": "amax / qmax",
+        "zero_point": 0,
+    }
+    assert meta["targets"]["fc1:weight"]["granularity"] == "per-channel"
+    assert meta["targets"]["fc1:weight"]["qmin"] == -7 and meta["targets"]["conv1:input"]["qmax"] == 15
+    assert len(meta["model_fingerprint"]) == 64 and meta["batches"] == 3 and meta["seed"] == 0
+
+
+def test_newer_format_and_foreign_files_are_refused(tmp_path):
+    table = ScaleTable(
+        {
+            "a:input": TargetScales(
+                "a",
+                "input",
+                "Linear",
+                "activation",
+                8,
+                True,
+                None,
+                [2],
+                {"max": MethodScales(torch.tensor(1.0))},
+            )
+        },
+        {},
+    )
+    path = save_scales(table, tmp_path / "s.safetensors")
+    tensors = load_file(str(path))
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = json.loads(header["__metadata__"]["octavcal"])
+    meta["format_version"] = FORMAT_VERSION + 1
+    save_file(tensors, tmp_path / "new.safetensors", metadata={"octavcal": json.dumps(meta)})
+    with pytest.raises(
+        ScaleFileError,
+        match=f"format version {FORMAT_VERSION + 1}; this octavcal reads up to "
+        f"{FORMAT_VERSION}. Upgrade octavcal.",
+    ):
+        load_scales(tmp_path / "new.safetensors")
+    save_file(tensors, tmp_path / "foreign.safetensors")
+    with pytest.raises(ScaleFileError, match="no octavcal metadata"):
+        load_scales(tmp_path / "foreign.safetensors")
+    (tmp_path / "trunc.safetensors").write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ScaleFileError, match="not a readable safetensors file"):
+        load_scales(tmp_path / "trunc.safetensors")
+    with pytest.raises(ScaleFileError, match="has no target 'b:input'"):
+        table.amax("b:input", "max")
+    with pytest.raises(ScaleFileError, match="no scales for method 'octav'. It has: max"):
+        table.amax("a:input", "octav")
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    table = ScaleTable({}, {})
+    import os
+
+    def broken_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_scales(table, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
