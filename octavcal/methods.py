@@ -191,6 +191,7 @@ def _octav_rows(
     s = np.where(done, hi, s.cpu().numpy())
     counts = np.zeros(rows, dtype=np.int64)
     prev_step = np.full(rows, np.inf)
+    pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point
     # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
     smooth = n >= _SMOOTH_ROW
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -235,17 +236,7 @@ def _octav_rows(
             # root is its value on one side if that lands there, else h jumps over zero at v itself
             # (Appendix B's point of positive mass, where the recursion would cycle). Finish exactly.
             single = ~done & ~converged & (above_lo - above_hi == 1)
-            if single.any():
-                which = np.flatnonzero(single)
-                idx = torch.from_numpy(which).to(x.device)
-                v = (
-                    _smallest_above(x, signed, torch.from_numpy(lo[which]).to(x.device), work, idx)
-                    .cpu()
-                    .numpy()
-                )
-                nxt[which] = np.where(
-                    map_lo[which] < v, map_lo[which], np.where(map_hi[which] >= v, map_hi[which], v)
-                )
+            pending |= single  # resolved together after the loop: one pass for all such rows
             # A collapsed bracket means the root sits on a point mass at hi: take hi.
             collapsed = ~converged & ~single & (hi - lo <= tol * hi)
             nxt = np.where(collapsed, hi, nxt)
@@ -253,6 +244,11 @@ def _octav_rows(
             done = done | converged | collapsed | single
             if done.all():
                 break
+    if pending.any():
+        which = np.flatnonzero(pending)
+        idx = torch.from_numpy(which).to(x.device)
+        v = _smallest_above(x, signed, torch.from_numpy(lo[which]).to(x.device), work, idx).cpu().numpy()
+        s[which] = np.where(map_lo[which] < v, map_lo[which], np.where(map_hi[which] >= v, map_hi[which], v))
     return OctavResult(torch.from_numpy(s).to(x.device), torch.from_numpy(counts).to(x.device))
 
 
@@ -261,17 +257,22 @@ def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
 
     With the m non-zero values sorted descending and k of them above s, the map is constant,
     S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the value that lands in its own
-    interval (if h jumps over zero at a data point instead, the sample mean is good enough here).
+    interval. Only the top quarter is sorted first (the root lies in the tail); if h jumps over zero
+    at a data point instead, the sample mean is good enough for a starting guess.
     """
-    v = np.sort(mags[mags > 0])[::-1]  # NumPy sorts 16K values several times faster than torch.sort
-    m = v.size
-    k = np.arange(m + 1, dtype=np.float64)
-    tail_sums = np.concatenate([[0.0], np.cumsum(v)])
-    root = tail_sums / (c * (m - k) + k)
-    upper = np.concatenate([[np.inf], v])
-    lower = np.concatenate([v, [0.0]])
-    fixed = np.flatnonzero((root >= lower) & (root < upper))
-    return float(root[fixed[0]]) if fixed.size else float(tail_sums[-1] / max(m, 1))
+    nonzero = mags[mags > 0]
+    m = nonzero.size
+    for top in (max(64, m // 4), m):
+        top = min(top, m)
+        v = np.sort(np.partition(nonzero, m - top)[m - top :])[::-1]  # the top values, descending
+        k = np.arange(top, dtype=np.float64)
+        tail_sums = np.concatenate([[0.0], np.cumsum(v)[:-1]])  # S_k: sum of the k values above
+        root = tail_sums / (c * (m - k) + k)
+        upper = np.concatenate([[np.inf], v[:-1]])
+        fixed = np.flatnonzero((root >= v) & (root < upper))
+        if fixed.size:
+            return float(root[fixed[0]])
+    return float(nonzero.mean()) if m else 0.0
 
 
 def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: torch.Tensor) -> torch.Tensor:
