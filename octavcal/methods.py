@@ -362,19 +362,23 @@ def _sweep_sse(a: torch.Tensor, cand: torch.Tensor, qmax: int) -> torch.Tensor:
     block so that the (K, block) intermediate stays in cache and no (K, n) tensor is ever made.
     """
     rows, n = a.shape
-    scale = (cand / qmax).to(a.dtype)  # (K, R)
-    inv = 1.0 / scale
-    sse = torch.zeros(cand.shape, dtype=torch.float64, device=a.device)
+    scale = cand / qmax  # (K, R), float64
+    inv = (1.0 / scale).to(a.dtype)
+    sse_steps = torch.zeros(cand.shape, dtype=torch.float64, device=a.device)  # in units of step^2
     row_block = max(1, min(rows, _SWEEP_BLOCK // n)) if n < _SWEEP_BLOCK else 1
     col_block = min(n, _SWEEP_BLOCK)
+    steps = torch.empty(cand.shape[0], row_block, col_block, dtype=a.dtype, device=a.device)
+    levels = torch.empty_like(steps)
     for r0 in range(0, rows, row_block):
         r1 = min(rows, r0 + row_block)
-        sc, iv = scale[:, r0:r1, None], inv[:, r0:r1, None]  # (K, rb, 1)
+        iv = inv[:, r0:r1, None]  # (K, rb, 1)
         for c0 in range(0, n, col_block):
             blk = a[None, r0:r1, c0 : c0 + col_block]  # (1, rb, cb)
-            q = torch.mul(blk, iv).round_().clamp_(0, qmax).mul_(sc).sub_(blk)
-            sse[:, r0:r1] += q.square_().sum(dim=2, dtype=torch.float64)
-    return sse
+            t = torch.mul(blk, iv, out=steps[:, : r1 - r0, : blk.shape[2]])  # x / step
+            q = torch.round(t, out=levels[:, : r1 - r0, : blk.shape[2]]).clamp_(0, qmax)
+            # float32 sums within a block are fast and exact enough; blocks add up in float64
+            sse_steps[:, r0:r1] += t.sub_(q).square_().sum(dim=2).double()
+    return sse_steps * scale**2
 
 
 def mse_sweep(
