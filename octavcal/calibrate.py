@@ -86,6 +86,12 @@ def candidates_for(
     return out
 
 
+def _warm_up(methods: list[Method], config: CalibrationConfig) -> None:
+    """Run every method once on a small tensor so that per-tensor times exclude first-call costs."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    candidates_for(x, methods, config.bits, signed=True, axis=None, convention=config.convention)
+
+
 @dataclass
 class _Accumulator:
     target: Target
@@ -235,6 +241,7 @@ def calibrate(
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
 
+    _warm_up(methods, config)
     # A discovery pass over the first batch finds the targets and the layer order (for first/last bits)
     # and fails early, with the layer named, when the data does not fit the model.
     found: list[Target] = []

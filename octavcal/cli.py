@@ -19,10 +19,19 @@ import torch
 
 from . import __version__
 from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
+from .compare import compare, summarize
 from .errors import OctavcalError, OctavcalWarning
 from .loading import batches_from_callable, load_data, load_model, plan_batches
-from .render import progress_bar, render_calibration, render_scales, scales_summary
-from .scales import load_scales, save_scales
+from .render import (
+    console,
+    progress_bar,
+    render_calibration,
+    render_comparison,
+    render_scales,
+    scales_summary,
+)
+from .report import write_report
+from .scales import check_fingerprint, load_scales, save_scales
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -174,6 +183,158 @@ def calibrate_command(
         click.echo(json.dumps(scales_summary(table, output), indent=2))
     elif not quiet:
         render_calibration(table, output)
+
+
+def _batch_sources(
+    data: str,
+    batch_size: int,
+    num_batches: int,
+    heldout_batches: int,
+    seed: int,
+    heldout_data: str | None,
+    dev: str,
+    cast: torch.dtype | None,
+) -> tuple[Any, Any]:
+    """Callables giving fresh passes over the calibration and held-out batches (one batch alive at a time)."""
+
+    def moved(batches: Any) -> Any:
+        return (b.to(dev, cast) for b in batches)
+
+    if ":" in data and not Path(data).exists():
+
+        def calib() -> Any:
+            return moved(batches_from_callable(data, num_batches, seed))
+
+        def held_callable() -> Any:
+            return moved(batches_from_callable(heldout_data or data, heldout_batches, seed))
+
+        return calib, held_callable if heldout_data else None
+    tensors = load_data(data)
+    plan = plan_batches(tensors.num_samples, batch_size, num_batches, seed)
+    held_src = load_data(heldout_data) if heldout_data else tensors
+    # Without held-out data: the next batches of the same seeded permutation, other samples while they last.
+    skip = 0 if heldout_data else num_batches
+    held_plan = (
+        plan_batches(held_src.num_samples, batch_size, heldout_batches, seed, skip=skip)
+        if heldout_batches
+        else []
+    )
+
+    def calib_tensors() -> Any:
+        return moved(tensors.batch(i) for i in plan)
+
+    def held_tensors() -> Any:
+        return moved(held_src.batch(i) for i in held_plan)
+
+    return calib_tensors, held_tensors if heldout_batches else None
+
+
+@main.command("compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Calibration data, as for calibrate.")
+@click.option("--arch", help="package.module:callable that builds the module for a state_dict.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
+@click.option(
+    "--bits", "bits_list", default="4", show_default=True, help="One or more bit widths: 4 or 4,5,6,7,8."
+)
+@click.option(
+    "--scales", type=click.Path(path_type=Path), help="Measure this scale file instead of calibrating."
+)
+@click.option("--batches", "num_batches", default=10, show_default=True, type=int)
+@click.option(
+    "--heldout-batches", default=5, show_default=True, type=int, help="Batches not used for calibration."
+)
+@click.option("--heldout-data", help="Held-out data file [default: other samples of --data].")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--curve-points", default=100, show_default=True, type=int, help="Samples of each MSE curve.")
+@click.option(
+    "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
+)
+@click.option("--keep-padding", is_flag=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
+@click.option("--device")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
+@friendly_errors
+def compare_command(
+    model: Path,
+    data: str,
+    arch: str | None,
+    methods: str,
+    bits_list: str,
+    scales: Path | None,
+    num_batches: int,
+    heldout_batches: int,
+    heldout_data: str | None,
+    batch_size: int,
+    seed: int,
+    curve_points: int,
+    convention: str,
+    keep_padding: bool,
+    out: Path,
+    no_plots: bool,
+    device: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Compare every method's quantization MSE, SQNR and time per target (Appendices F and G).
+
+    \b
+    Example:
+      octavcal compare sample_models/digits_transformer.safetensors \\
+          --arch sample_models.digits_transformer:build \\
+          --data sample_models/digits_transformer.calib.safetensors \\
+          --methods octav,sweep,p99.99 --bits 4,8 --out report
+    """
+    try:
+        bits = [int(b) for b in bits_list.split(",") if b.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected bit widths like 4 or 4,5,6: got {bits_list!r}", param_hint="--bits"
+        ) from exc
+    config = CalibrationConfig(
+        bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
+    )
+    config.validate()
+    dev = resolve_device(device)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev)
+    tables = None
+    if scales is not None:
+        table = load_scales(scales)
+        check_fingerprint(table, loaded.module, scales)
+        tables = {int(table.meta.get("bits", bits[0])): table}
+        bits = list(tables)
+    calib, held = _batch_sources(
+        data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None
+    )
+    with progress_bar(quiet or as_json) as progress:
+        report = compare(
+            loaded,
+            calib,
+            held,
+            config,
+            bits,
+            tables=tables,
+            seed=seed,
+            curve_points=curve_points,
+            progress=progress,
+        )
+    paths = write_report(report, out, plots=not no_plots)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"summary": summarize(report), "files": {k: str(v) for k, v in paths.items()}},
+                indent=2,
+                default=str,
+            )
+        )
+    elif not quiet:
+        render_comparison(report)
+        console.print(f"Wrote {paths['html']}, {paths['json']}, {paths['csv']} and {len(paths) - 3} plots")
 
 
 @main.command("inspect")

@@ -136,3 +136,105 @@ def render_scales(table: ScaleTable, method: str | None) -> None:
             *[_fmt(e.methods[m].amax) if m in e.methods else "-" for m in methods],
         )
     console.print(tbl)
+
+
+def render_comparison(report: Any) -> None:
+    """`compare`: methods by relative MSE, Appendix F's timing, Appendix G's findings, worst targets."""
+    from .compare import summarize
+
+    summary = summarize(report)
+    tbl = Table(
+        title=f"Methods over {len(report.targets)} targets ({report.batches} calibration, "
+        f"{report.heldout_batches} held-out batches); MSE relative to the best method per target"
+    )
+    for col in (
+        "method",
+        "bits",
+        "mean rel. MSE",
+        "worst rel. MSE",
+        "wins",
+        "s/weight",
+        "s/activation",
+        "total s",
+    ):
+        tbl.add_column(col, justify="left" if col == "method" else "right")
+    for v in summary["methods"].values():
+        tbl.add_row(
+            v["method"],
+            str(v["bits"]),
+            _num(v["mean_relative_mse"]),
+            _num(v["worst_relative_mse"]),
+            str(v["wins"]),
+            _num(v["seconds_per_weight"]),
+            _num(v["seconds_per_activation"]),
+            _num(v["total_seconds"]),
+        )
+    console.print(tbl)
+    f = Table(title="Appendix F: calibration time per tensor (averaged over bit widths)")
+    for col in ("method", "s/weight", "s/activation", "total s", "x OCTAV's time"):
+        f.add_column(col, justify="left" if col == "method" else "right")
+    for m, v in summary["appendix_f"].items():
+        f.add_row(
+            m,
+            _num(v["seconds_per_weight"]),
+            _num(v["seconds_per_activation"]),
+            _num(v["total_seconds"]),
+            _num(v.get("octav_speedup")),
+        )
+    console.print(f)
+    g = summary["appendix_g"]
+    if g:
+        t = Table(title="Appendix G: non-convex MSE, or OCTAV and the sweep more than 2x apart")
+        for col in (
+            "target",
+            "bits",
+            "octav",
+            "sweep",
+            "MSE octav",
+            "MSE sweep",
+            "bulk zeroed by sweep",
+            "non-convex batches",
+            "disagreeing batches",
+        ):
+            t.add_column(col, overflow="fold")
+        for x in g:
+            t.add_row(
+                x["target"],
+                str(x["bits"]),
+                _num(x["octav_amax"]),
+                _num(x["sweep_amax"]),
+                _num(x["octav_mse"]),
+                _num(x["sweep_mse"]),
+                _num(x["sweep_small_zeroed_fraction"]),
+                str(x["nonconvex_batches"]),
+                str(x["disagreeing_batches"]),
+            )
+        console.print(t)
+    else:
+        console.print(
+            "Appendix G: every target's MSE had one minimum, and OCTAV and the sweep agreed within 2x."
+        )
+    worst = sorted(
+        ((rep.relative_mse(r), rep.target, r) for rep in report.targets.values() for r in rep.rows),
+        key=lambda x: -x[0],
+    )[:8]
+    w = Table(title="Worst targets (method, bits: MSE relative to the best method)")
+    for col in ("target", "method", "bits", "rel. MSE", "SQNR dB", "clipped", "zeroed"):
+        w.add_column(col)
+    from .metrics import sqnr_db
+
+    for rel, tid, r in worst:
+        w.add_row(
+            tid,
+            r.method,
+            str(r.bits),
+            _num(rel),
+            _num(sqnr_db(r.calib)),
+            _num(r.calib.clipped / max(r.calib.count, 1)),
+            _num(r.calib.zeroed / max(r.calib.count, 1)),
+        )
+    console.print(w)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)

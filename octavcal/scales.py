@@ -200,3 +200,14 @@ def load_scales(path: str | Path) -> ScaleTable:
             shared_with=d["shared_with"],
         )
     return ScaleTable(targets, meta)
+
+
+def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path) -> None:
+    """Refuse a scale file computed on other weights (README, "The scale file")."""
+    expected = table.meta.get("model_fingerprint")
+    if expected and expected != model_fingerprint(model):
+        raise ScaleFileError(
+            f"Scale file '{path}' was computed for other model weights (fingerprint {expected[:12]}..., "
+            f"this model {model_fingerprint(model)[:12]}...). Calibrate this model, "
+            "or pass its own scale file."
+        )

@@ -1,0 +1,316 @@
+"""compare: each method's quantization error and cost per target (the paper's Appendices F and G).
+
+Calibrate (or read a scale file), then make one more streaming pass over the calibration batches and
+the held-out batches: per target, method and bit width, add up eq. (1)'s error, the signal energy,
+clipped and zeroed counts, and each batch's MSE curve sampled at ``curve_points`` clipping scalars.
+Nothing per element is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .calibrate import CalibrationConfig, Progress, calibrate
+from .collect import Target, capture_activations, weight_targets
+from .errors import CalibrationError
+from .grid import rows_from
+from .loading import Batch, LoadedModel
+from .methods import _sweep_sse
+from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
+from .scales import ScaleTable
+
+DISAGREEMENT = 2.0  # Appendix G: OCTAV and the sweep more than 2x apart
+PROMINENCE = 0.1  # a local minimum of the MSE curve counts when the curve rises 10% around it
+
+
+@dataclass
+class MethodRow:
+    """One method at one bit width on one target."""
+
+    method: str
+    bits: int
+    amax: list[float]
+    calib: ErrorStats
+    heldout: ErrorStats
+    seconds: float  # per call (per tensor), Appendix F's timer
+    calls: int
+
+    @property
+    def mse(self) -> float:
+        return self.calib.sse / max(self.calib.count, 1)
+
+    @property
+    def heldout_mse(self) -> float:
+        return self.heldout.sse / max(self.heldout.count, 1)
+
+
+@dataclass
+class TargetReport:
+    target: str
+    kind: str
+    op: str
+    signed: bool
+    rows: list[MethodRow] = field(default_factory=list)
+    # per bit width: the clipping scalars of the curve and each batch's MSE there (batches, points)
+    curve_s: dict[int, list[float]] = field(default_factory=dict)
+    curves: dict[int, list[list[float]]] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+    def best_mse(self, bits: int) -> float:
+        return min(r.mse for r in self.rows if r.bits == bits)
+
+    def relative_mse(self, row: MethodRow) -> float:
+        best = self.best_mse(row.bits)
+        return row.mse / best if best > 0 else (1.0 if row.mse == 0 else float("inf"))
+
+
+@dataclass
+class ComparisonReport:
+    targets: dict[str, TargetReport]
+    methods: list[str]
+    bits: list[int]
+    batches: int
+    heldout_batches: int
+    meta: dict[str, Any]
+
+
+class _Evaluator:
+    """Accumulates error statistics and curves for every (target, bits, method) as tensors stream by."""
+
+    def __init__(self, tables: dict[int, ScaleTable], curve_points: int):
+        self.tables, self.curve_points = tables, curve_points
+        self.stats: dict[tuple[str, int, str, str], ErrorStats] = {}
+        self.curves: dict[tuple[str, int], list[list[float]]] = {}
+        self.curve_s: dict[tuple[str, int], torch.Tensor] = {}
+        self.split = "calib"
+        self.mask: torch.Tensor | None = None
+        self.mask_padding = True
+
+    def add(self, tid: str, x: torch.Tensor, split: str, with_curve: bool) -> None:
+        for bits, table in self.tables.items():
+            entry = table.targets.get(tid)
+            if entry is None:
+                continue
+            octav = entry.methods.get("octav")
+            small_below = float(octav.amax.max()) if octav is not None else None
+            for name, result in entry.methods.items():
+                key = (tid, bits, name, split)
+                s = error_stats(
+                    x,
+                    result.amax,
+                    bits,
+                    signed=entry.signed,
+                    axis=entry.axis,
+                    convention=table.convention,
+                    small_below=small_below,
+                )  # type: ignore[arg-type]
+                self.stats[key] = self.stats.get(key, EMPTY_STATS) + s
+            if with_curve and entry.axis is None:
+                grid_s = self.curve_s.get((tid, bits))
+                if grid_s is None:
+                    # One fixed, geometric s-axis per target, from a quarter of the smallest scalar to a
+                    # little beyond the largest: both of Appendix G's minima get resolved.
+                    top = max(float(r.amax.max()) for r in entry.methods.values()) * 1.05
+                    low = min(float(r.amax.min()) for r in entry.methods.values()) / 4
+                    frac = torch.linspace(0, 1, self.curve_points, dtype=torch.float64)
+                    grid_s = low * (top / low) ** frac
+                    self.curve_s[(tid, bits)] = grid_s
+                mags = rows_from(x, None)
+                mags = mags.abs() if entry.signed else mags.clamp(min=0)
+                qmax = entry.grid(table.convention).qmax
+                mse = _sweep_sse(mags, grid_s[:, None], qmax)[:, 0] / mags.shape[1]
+                if not entry.signed:
+                    mse = mse + rows_from(x, None).clamp(max=0).double().square().mean()
+                self.curves.setdefault((tid, bits), []).append(mse.tolist())
+
+    def deliver(self, target: Target, tensor: torch.Tensor) -> None:
+        if not tensor.is_floating_point():
+            return
+        x = tensor.detach()
+        if self.mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            x = x[self.mask.to(x.device)]
+        if x.numel():
+            self.add(target.id, x, self.split, with_curve=self.split == "calib")
+
+
+def compare(
+    model: LoadedModel,
+    calib_batches: Callable[[], Iterable[Batch]],
+    heldout_batches: Callable[[], Iterable[Batch]] | None,
+    config: CalibrationConfig,
+    bits: list[int],
+    *,
+    tables: dict[int, ScaleTable] | None = None,
+    seed: int | None = None,
+    curve_points: int = 100,
+    progress: Progress | None = None,
+) -> ComparisonReport:
+    """Calibrate at every bit width (unless ``tables`` are given), then measure every method.
+
+    ``calib_batches``/``heldout_batches`` are called to get a fresh pass over the same batches.
+    """
+    if tables is None:
+        tables = {}
+        for b in bits:
+            cfg = CalibrationConfig(
+                b,
+                config.methods,
+                config.layer_bits,
+                config.first_last_bits,
+                config.per_channel_weights,
+                config.mask_padding,
+                config.convention,
+            )
+            tables[b] = calibrate(model, calib_batches(), cfg, seed=seed, progress=progress)
+    evaluator = _Evaluator(tables, curve_points)
+    evaluator.mask_padding = config.mask_padding
+    counts = {"calib": 0, "heldout": 0}
+    passes = [("calib", calib_batches)] + ([("heldout", heldout_batches)] if heldout_batches else [])
+    if model.hookable:
+        with capture_activations(model, evaluator.deliver) as run:
+            for split, source in passes:
+                evaluator.split = split
+                for batch in source():
+                    mask = batch.kwargs.get("attention_mask") if config.mask_padding else None
+                    evaluator.mask = (
+                        mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                    )
+                    run(batch)
+                    counts[split] += 1
+                    if progress:
+                        progress(f"evaluating {split}", counts[split], None)
+    for target, weight, _ in weight_targets(model.module):
+        for split in ("calib", "heldout"):  # a weight is the same tensor on any data
+            evaluator.add(target.id, weight, split, with_curve=split == "calib")
+    if not evaluator.stats:
+        raise CalibrationError("Nothing to compare: no target was calibrated.")
+    return _assemble(tables, evaluator, bits, counts)
+
+
+def _assemble(
+    tables: dict[int, ScaleTable], ev: _Evaluator, bits: list[int], counts: dict[str, int]
+) -> ComparisonReport:
+    first = tables[bits[0]]
+    reports: dict[str, TargetReport] = {}
+    for b, table in tables.items():
+        for tid, entry in table.targets.items():
+            rep = reports.setdefault(tid, TargetReport(tid, entry.kind, entry.op, entry.signed))
+            for name, result in entry.methods.items():
+                calls = 1 if entry.kind == "weight" else max(table.meta.get("batches", 1), 1)
+                rep.rows.append(
+                    MethodRow(
+                        name,
+                        b,
+                        result.amax.reshape(-1).tolist(),
+                        ev.stats.get((tid, b, name, "calib"), EMPTY_STATS),
+                        ev.stats.get((tid, b, name, "heldout"), EMPTY_STATS),
+                        result.seconds / calls,
+                        calls,
+                    )
+                )
+            if (tid, b) in ev.curves:
+                rep.curve_s[b] = ev.curve_s[(tid, b)].tolist()
+                rep.curves[b] = ev.curves[(tid, b)]
+            rep.findings += _appendix_g(rep, b, table)
+    return ComparisonReport(
+        reports,
+        first.methods,
+        bits,
+        counts["calib"],
+        counts["heldout"],
+        {k: v for k, v in first.meta.items() if k not in ("targets", "bits")},
+    )
+
+
+def _appendix_g(rep: TargetReport, bits: int, table: ScaleTable) -> list[dict[str, Any]]:
+    """Flag a non-convex MSE (more than one significant minimum) or OCTAV vs sweep more than 2x apart."""
+    rows = {r.method: r for r in rep.rows if r.bits == bits}
+    octav, sweep = rows.get("octav"), rows.get("sweep")
+    curves, grid_s = rep.curves.get(bits, []), rep.curve_s.get(bits, [])
+    minima = [significant_minima(torch.tensor(c), PROMINENCE) for c in curves]
+    # Appendix G's shape: a minimum near the bulk and another at least 2x further out (near the outliers);
+    # the jagged curve of coarse, discrete data has close minima that are not this phenomenon.
+    nonconvex = [i for i, m in enumerate(minima) if len(m) > 1 and grid_s[m[-1]] >= 2 * grid_s[m[0]]]
+    ratio = None
+    if octav and sweep and rep.kind == "activation":
+        ratio = max(sweep.amax[0] / octav.amax[0], octav.amax[0] / sweep.amax[0])
+    if not nonconvex and (ratio is None or ratio <= DISAGREEMENT):
+        return []
+    entry = table.targets[rep.target]
+    per_batch = {}
+    if octav and sweep and entry.methods["octav"].per_batch is not None:
+        o, s = entry.methods["octav"].per_batch, entry.methods["sweep"].per_batch
+        per_batch = {"octav": o.tolist(), "sweep": s.tolist()}
+        disagree = [i for i in range(len(o)) if max(float(s[i] / o[i]), float(o[i] / s[i])) > DISAGREEMENT]
+    else:
+        disagree = []
+    return [
+        {
+            "target": rep.target,
+            "bits": bits,
+            "minima_per_batch": [len(m) for m in minima],
+            "nonconvex_batches": nonconvex,
+            "disagreeing_batches": disagree,
+            "octav_amax": octav.amax[0] if octav else None,
+            "sweep_amax": sweep.amax[0] if sweep else None,
+            "octav_mse": octav.mse if octav else None,
+            "sweep_mse": sweep.mse if sweep else None,
+            "ratio": ratio,
+            "sweep_small_zeroed_fraction": (
+                sweep.calib.small_zeroed / sweep.calib.small if sweep and sweep.calib.small else None
+            ),
+            "per_batch_amax": per_batch,
+        }
+    ]
+
+
+def summarize(report: ComparisonReport) -> dict[str, Any]:
+    """Per method and bit width: mean and worst relative MSE, wins, seconds; Appendix F's table."""
+    out: dict[str, Any] = {"methods": {}, "appendix_f": {}}
+    for b in report.bits:
+        for m in report.methods:
+            rel, wins, sec_w, sec_a, n_w, n_a = [], 0, 0.0, 0.0, 0, 0
+            for rep in report.targets.values():
+                row = next((r for r in rep.rows if r.bits == b and r.method == m), None)
+                if row is None:
+                    continue
+                rel.append(rep.relative_mse(row))
+                wins += row.mse <= rep.best_mse(b)
+                if rep.kind == "weight":
+                    sec_w, n_w = sec_w + row.seconds * row.calls, n_w + row.calls
+                else:
+                    sec_a, n_a = sec_a + row.seconds * row.calls, n_a + row.calls
+            out["methods"][f"{m}@{b}"] = {
+                "method": m,
+                "bits": b,
+                "mean_relative_mse": sum(rel) / len(rel) if rel else None,
+                "worst_relative_mse": max(rel) if rel else None,
+                "wins": wins,
+                "seconds_per_weight": sec_w / n_w if n_w else None,
+                "seconds_per_activation": sec_a / n_a if n_a else None,
+                "total_seconds": sec_w + sec_a,
+                "weight_tensors": n_w,
+                "activation_tensors": n_a,
+            }
+    for m in report.methods:
+        rows = [v for v in out["methods"].values() if v["method"] == m]
+        out["appendix_f"][m] = {
+            "seconds_per_weight": _mean([r["seconds_per_weight"] for r in rows]),
+            "seconds_per_activation": _mean([r["seconds_per_activation"] for r in rows]),
+            "total_seconds": sum(r["total_seconds"] for r in rows) / max(len(rows), 1),
+        }
+    if "octav" in out["appendix_f"]:
+        base = out["appendix_f"]["octav"]["total_seconds"]
+        for v in out["appendix_f"].values():
+            v["octav_speedup"] = v["total_seconds"] / base if base else None
+    out["appendix_g"] = [f for rep in report.targets.values() for f in rep.findings]
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
