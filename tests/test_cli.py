@@ -159,3 +159,22 @@ def test_every_command_has_help_with_an_example():
     for command in main.commands:
         result = run(command, "--help")
         assert result.exit_code == 0 and "Example:" in result.stdout, command
+
+
+def test_compare_end_to_end_and_from_a_scale_file(tmp_path, transformer_paths, cnn_paths):
+    base = ["--arch", transformer_paths["arch"], "--data", transformer_paths["data"], "--batches", "2",
+            "--batch-size", "16"]
+    result = run("compare", transformer_paths["model"], *base, "--heldout-batches", "1", "--methods", "octav,sweep,p99.99", "--bits", "4,8",
+                 "--out", tmp_path / "r", "--json", "--curve-points", "30")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["summary"]
+    assert set(summary["appendix_f"]) == {"octav", "sweep", "p99.99"}
+    assert {v["bits"] for v in summary["methods"].values()} == {4, 8}
+    assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "targets.csv").exists()
+    scales = tmp_path / "t.safetensors"
+    assert run("calibrate", transformer_paths["model"], *base, "--methods", "octav", "-o", scales, "--quiet").exit_code == 0
+    result = run("compare", transformer_paths["model"], *base, "--scales", scales, "--out", tmp_path / "r2", "--quiet")
+    assert result.exit_code == 0, result.output
+    other = run("compare", cnn_paths["model"], "--arch", cnn_paths["arch"], "--data", cnn_paths["data"],
+                "--scales", scales, "--out", tmp_path / "r3")
+    assert other.exit_code == 1 and "was computed for other model weights" in other.stderr
