@@ -60,7 +60,8 @@ class Target:
         return "weight" if self.role == "weight" else "activation"
 
 
-Deliver = Callable[[Target, torch.Tensor], None]
+# Called with each tensor as it is seen; a returned tensor replaces it in the forward pass.
+Deliver = Callable[[Target, torch.Tensor], "torch.Tensor | None"]
 
 
 def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
@@ -120,21 +121,29 @@ class _OperandMode(TorchFunctionMode):
         self.stack, self.positions, self.deliver = stack, positions, deliver
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
         if func in _MATMULS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
-            lhs, rhs = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else (args[0], args[1])
+            swap = func is torch.Tensor.__rmatmul__
+            lhs, rhs = (args[1], args[0]) if swap else (args[0], args[1])
             module = self.stack[-1]
             i = self.positions.next(module, "matmul")
-            self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs)
-            self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs)
+            lhs = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
+            rhs = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs), rhs)
+            args = ((rhs, lhs) if swap else (lhs, rhs)) + tuple(args[2:])
         elif func is F.scaled_dot_product_attention:
             module = self.stack[-1]
             i = self.positions.next(module, "sdpa")
-            names = ("query", "key", "value")
-            tensors = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]) :] if n in kwargs]
-            for name, tensor in zip(names, tensors, strict=False):
-                self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), tensor)
+            args = list(args)
+            for j, name in enumerate(("query", "key", "value")):
+                where, key = (args, j) if j < len(args) else (kwargs, name)
+                if isinstance(where, list) or name in kwargs:
+                    where[key] = _or(self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key])
         return func(*args, **kwargs)
+
+
+def _or(replacement: torch.Tensor | None, original: torch.Tensor) -> torch.Tensor:
+    """A deliver callback may return a replacement (simulated quantization); None keeps the tensor."""
+    return original if replacement is None else replacement
 
 
 @contextmanager
@@ -154,12 +163,15 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
     failing: list[str] = []
     handles = []
 
-    def push(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def push(name: str) -> Callable[..., tuple[Any, ...] | None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             stack.append(name)
             if isinstance(module, LAYER_TYPES) and args and isinstance(args[0], torch.Tensor):
                 _check_layer_input(name, module, args[0])
-                deliver(Target(name, "input", type(module).__name__), args[0])
+                new = deliver(Target(name, "input", type(module).__name__), args[0])
+                if new is not None:
+                    return (new, *args[1:])
+            return None
 
         return hook
 
@@ -253,14 +265,18 @@ class _ExportRunner(torch.fx.Interpreter):
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = self.current
+        args = tuple(args)
         if target in _ATEN_LAYERS:
-            self.deliver(Target(module, "input", _ATEN_LAYERS[target]), args[0])
+            first = _or(self.deliver(Target(module, "input", _ATEN_LAYERS[target]), args[0]), args[0])
+            args = (first, *args[1:])
         elif target in _ATEN_MATMULS:
             i = self.positions.next(module, "matmul")
-            self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), args[0])
-            self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), args[1])
+            lhs = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), args[0]), args[0])
+            rhs = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), args[1]), args[1])
+            args = (lhs, rhs, *args[2:])
         elif target is torch.ops.aten.scaled_dot_product_attention.default:
             i = self.positions.next(module, "sdpa")
-            for name, tensor in zip(("query", "key", "value"), args[:3], strict=True):
-                self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), tensor)
+            qkv = [_or(self.deliver(Target(module, f"sdpa{i}.{n}", "sdpa"), t), t)
+                   for n, t in zip(("query", "key", "value"), args[:3], strict=True)]
+            args = (*qkv, *args[3:])
         return super().call_function(target, args, kwargs)

@@ -1,0 +1,94 @@
+"""Model-output fidelity of simulated quantization, per method and bit width (PTQ's Tables 3 and 5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+from .loading import Batch, LoadedModel
+from .scales import ScaleTable
+from .simulate import apply_scales
+
+
+@dataclass
+class Fidelity:
+    method: str
+    bits: int
+    samples: int
+    accuracy: float | None  # top-1 against labels, when the data has labels
+    float_accuracy: float | None
+    agreement: float | None  # top-1 agreement with the float model, for (N, classes) outputs
+    cosine: float  # mean per-sample cosine similarity of outputs
+    mse: float
+    sqnr_db: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)  # type: ignore[no-any-return]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise CalibrationError(f"Cannot compare model outputs of type {type(out).__name__}; expected a tensor.")
+
+
+def evaluate(
+    model: LoadedModel,
+    tables: list[ScaleTable],
+    batches: Callable[[], Iterable[Batch]],
+    methods: list[str] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> list[Fidelity]:
+    """Run the float model and each (scale file, method) simulation on ``batches``; compare outputs."""
+    sims = []
+    for table in tables:
+        bits = int(table.meta.get("bits", 0))
+        for method in methods or table.methods:
+            sims.append((method, bits, apply_scales(model, table, method)))
+    acc: dict[tuple[str, int], dict[str, float]] = {(m, b): {} for m, b, _ in sims}
+    float_correct = labelled = samples = 0
+    with torch.no_grad():
+        for i, batch in enumerate(batches()):
+            ref = _output(model.module(*batch.args, **batch.kwargs)).float()
+            n = ref.shape[0]
+            samples += n
+            classes = ref.dim() == 2 and ref.shape[1] > 1
+            if batch.labels is not None and classes:
+                labelled += n
+                float_correct += int((ref.argmax(1) == batch.labels.to(ref.device)).sum())
+            for method, bits, sim in sims:
+                out = _output(sim(*batch.args, **batch.kwargs)).float()
+                a = acc[(method, bits)]
+                flat_ref, flat_out = ref.reshape(n, -1), out.reshape(n, -1)
+                a["cos"] = a.get("cos", 0.0) + float(torch.nn.functional.cosine_similarity(flat_out, flat_ref).sum())
+                a["sse"] = a.get("sse", 0.0) + float((out - ref).double().square().sum())
+                a["energy"] = a.get("energy", 0.0) + float(ref.double().square().sum())
+                a["count"] = a.get("count", 0.0) + ref.numel()
+                if classes:
+                    a["agree"] = a.get("agree", 0.0) + int((out.argmax(1) == ref.argmax(1)).sum())
+                    if batch.labels is not None:
+                        a["correct"] = a.get("correct", 0.0) + int((out.argmax(1) == batch.labels.to(out.device)).sum())
+            if progress:
+                progress("evaluating", i + 1, None)
+    if not samples:
+        raise CalibrationError("No evaluation batches were given.")
+    rows = []
+    for (method, bits), a in acc.items():
+        sqnr = 10 * math.log10(a["energy"] / a["sse"]) if a["sse"] > 0 else math.inf
+        rows.append(Fidelity(
+            method, bits, samples,
+            a["correct"] / labelled if labelled and "correct" in a else None,
+            float_correct / labelled if labelled else None,
+            a["agree"] / samples if "agree" in a else None,
+            a["cos"] / samples, a["sse"] / a["count"], sqnr))
+    return rows

@@ -1,0 +1,228 @@
+"""ONNX QDQ export: QuantizeLinear/DequantizeLinear at every calibrated target of a float ONNX graph.
+
+The float model is exported with PyTorch's TorchScript-based exporter, whose node names carry the
+module scope (``/layers.0/attention/query/MatMul``); targets are matched to graph edges by that
+scope. Each activation edge gets Clip(-amax or 0, amax) -> QuantizeLinear -> DequantizeLinear with an
+int8 (signed) or uint8 (unsigned) container, zero point 0: the Clip realises the narrow B-bit grid
+exactly for any B <= 8, since |x / scale| <= qmax then rounds within [-qmax, qmax]. Weights are clipped
+offline and quantized per output channel (``axis`` of QuantizeLinear).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ScaleFileError, SpecError
+from ..loading import Batch, LoadedModel
+from ..scales import ScaleTable, TargetScales, check_fingerprint
+
+OPSET = 17
+_LAYER_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
+
+
+@dataclass
+class OnnxTarget:
+    target: str
+    node: str
+    input_index: int
+    tensor: str  # the float tensor name in the exported (unquantized) graph
+    kind: str
+    bits: int
+    signed: bool
+    axis: int | None
+    scale: list[float]
+
+
+def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]:
+    """Export ``model`` to ONNX with a dynamic first (batch) dimension; returns the input names."""
+    module = model.module
+    if model.format in ("export", "torchscript") or not isinstance(module, torch.nn.Module):
+        raise SpecError(f"ONNX export needs an eager nn.Module (state_dict + architecture, pickle or Hugging Face); "
+                        f"got a {model.format} model.")
+    # Keyword inputs become graph inputs in the forward signature's order, not the data file's.
+    order = [p for p in inspect.signature(module.forward).parameters if p in batch.kwargs]
+    kwargs = {k: batch.kwargs[k] for k in order + [k for k in batch.kwargs if k not in order]}
+    names = [f"input{i}" for i in range(len(batch.args))] + list(kwargs)
+    example: tuple[Any, ...] = (*batch.args, kwargs) if kwargs else tuple(batch.args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["output"], dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
+    return names
+
+
+def _scope(node_name: str) -> str:
+    """'/layers.0/attention/query/MatMul' -> 'layers.0.attention.query' (the module path)."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1])
+
+
+def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarget]:
+    """Match every target of ``table`` to a node input of ``graph`` by module scope and call order."""
+    by_scope: dict[str, list[Any]] = {}
+    for node in graph.node:
+        by_scope.setdefault(_scope(node.name), []).append(node)
+    initializers = {init.name: init for init in graph.initializer}
+    found, missing = [], []
+    for tid, entry in table.targets.items():
+        if method not in entry.methods:
+            continue
+        nodes = by_scope.get(entry.module, [])
+        layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
+        amax = entry.methods[method].amax.reshape(-1)
+        scale = (amax / entry.grid(table.convention).qmax).tolist()
+        if entry.role in ("input", "weight") and layer:
+            node = layer[0]
+            index = 0 if entry.role == "input" else 1
+            axis = None
+            if entry.role == "weight":
+                # Gemm(transB=1) and Conv keep PyTorch's (out, in, ...) layout; MatMul holds W^T: (in, out).
+                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+                axis = 0 if node.op_type in ("Conv", "ConvTranspose") or trans_b else 1
+                if node.op_type == "ConvTranspose":
+                    axis = 1
+                if entry.axis is None:
+                    axis = None
+            found.append(OnnxTarget(tid, node.name, index, node.input[index], entry.kind, entry.bits, entry.signed,
+                                    axis, scale))
+        elif entry.role.startswith("matmul"):
+            position, side = entry.role[len("matmul"):].split(".")
+            matmuls = [n for n in nodes if n.op_type == "MatMul" and n.input[1] not in initializers]
+            if int(position) < len(matmuls):
+                node = matmuls[int(position)]
+                index = 0 if side == "lhs" else 1
+                found.append(OnnxTarget(tid, node.name, index, node.input[index], entry.kind, entry.bits,
+                                        entry.signed, None, scale))
+            else:
+                missing.append(tid)
+        else:
+            missing.append(tid)
+    if missing:
+        raise ScaleFileError(
+            f"{len(missing)} targets have no counterpart in the exported ONNX graph: {', '.join(missing[:5])}. "
+            "sdpa operands export as one fused op; use explicit-matmul (eager) attention."
+        )
+    return found
+
+
+def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None:
+    """Rewire each target's node input through Clip -> QuantizeLinear -> DequantizeLinear."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes: dict[str, list[Any]] = {}
+    replaced: set[str] = set()
+    for k, t in enumerate(targets):
+        if t.bits > 8:
+            raise SpecError(f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container).")
+        node = nodes[t.node]
+        zp_type = TensorProto.INT8 if t.signed else TensorProto.UINT8
+        prefix = f"octavcal_{k}"
+        scale = np.asarray(t.scale, dtype=np.float32)
+        qmax = table.targets[t.target].grid(table.convention).qmax
+        amax = scale * qmax
+        if t.kind == "weight":
+            w = numpy_helper.to_array(inits[node.input[t.input_index]]).astype(np.float32)
+            shape = [1] * w.ndim
+            if t.axis is not None:
+                shape[t.axis] = -1
+            clipped = np.clip(w, -amax.reshape(shape), amax.reshape(shape)).astype(np.float32)
+            graph.initializer.append(numpy_helper.from_array(clipped, f"{prefix}_w"))
+            replaced.add(node.input[t.input_index])
+            source = f"{prefix}_w"
+            chain = []
+        else:
+            lo = np.asarray(-amax[0] if t.signed else 0.0, dtype=np.float32)
+            graph.initializer.extend([numpy_helper.from_array(lo, f"{prefix}_lo"),
+                                      numpy_helper.from_array(amax[0].astype(np.float32), f"{prefix}_hi")])
+            chain = [helper.make_node("Clip", [t.tensor, f"{prefix}_lo", f"{prefix}_hi"], [f"{prefix}_clipped"],
+                                      name=f"{prefix}_Clip")]
+            source = f"{prefix}_clipped"
+        scale_init = scale if t.axis is not None else scale[:1].reshape(())
+        zero = np.zeros(scale_init.shape, dtype=np.int8 if t.signed else np.uint8)
+        graph.initializer.extend([numpy_helper.from_array(scale_init.astype(np.float32), f"{prefix}_scale"),
+                                  helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist())])
+        axis = {"axis": t.axis} if t.axis is not None else {}
+        chain += [
+            helper.make_node("QuantizeLinear", [source, f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_q"],
+                             name=f"{prefix}_QuantizeLinear", **axis),
+            helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_dq"],
+                             name=f"{prefix}_DequantizeLinear", **axis),
+        ]
+        node.input[t.input_index] = f"{prefix}_dq"
+        new_nodes.setdefault(t.node, []).extend(chain)
+    ordered = []
+    for node in graph.node:  # keep a topological order: each chain right before its consumer
+        ordered.extend(new_nodes.get(node.name, []))
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def export_qdq(model: LoadedModel, table: ScaleTable, method: str, batch: Batch, path: str | Path) -> dict[str, Any]:
+    """Write a QDQ ONNX model and ``<path>.json`` mapping targets to ONNX tensors; returns the mapping."""
+    import onnx
+
+    check_fingerprint(table, model.module, "the given scales")
+    if method not in table.methods:
+        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        inputs = export_float_onnx(model, batch, float_path)
+        onnx_model = onnx.load(str(float_path))
+    targets = locate_targets(onnx_model.graph, table, method)
+    insert_qdq(onnx_model, targets, table)
+    onnx.checker.check_model(onnx_model)
+    mapping = {"method": method, "inputs": inputs, "grid": table.meta.get("grid"),
+               "targets": {t.target: {"onnx_node": t.node, "input_index": t.input_index, "onnx_tensor": t.tensor,
+                                      "bits": t.bits, "signed": t.signed, "axis": t.axis, "scale": t.scale}
+                           for t in targets}}
+    _atomic_write(path, onnx_model.SerializeToString())
+    _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
+    return mapping
+
+
+def ort_overrides(table: ScaleTable, method: str, mapping: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime's TensorQuantOverrides for ``quantize_static(extra_options=...)``: per-tensor
+    activations get our scale and zero point 0; per-channel weights name the axis (ORT computes their
+    scales itself: its overrides take one scale per tensor)."""
+    out: dict[str, Any] = {}
+    for tid, m in mapping["targets"].items():
+        entry: TargetScales = table.targets[tid]
+        qtype = "QInt8" if entry.signed else "QUInt8"
+        if entry.bits <= 4:
+            qtype = "QInt4" if entry.signed else "QUInt4"
+        if m["axis"] is None:
+            out.setdefault(m["onnx_tensor"], [{"scale": m["scale"][0], "zero_point": 0, "quant_type": qtype}])
+        else:
+            out.setdefault(m["onnx_tensor"], [{"axis": m["axis"], "quant_type": qtype, "symmetric": True}])
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
