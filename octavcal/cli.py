@@ -21,16 +21,18 @@ from . import __version__
 from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
 from .compare import compare, summarize
 from .errors import OctavcalError, OctavcalWarning
-from .loading import batches_from_callable, load_data, load_model, plan_batches
+from .evaluate import evaluate
+from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
 from .render import (
     console,
     progress_bar,
     render_calibration,
     render_comparison,
+    render_evaluation,
     render_scales,
     scales_summary,
 )
-from .report import write_report
+from .report import write_evaluation, write_report, write_text_atomic
 from .scales import check_fingerprint, load_scales, save_scales
 
 
@@ -335,6 +337,186 @@ def compare_command(
     elif not quiet:
         render_comparison(report)
         console.print(f"Wrote {paths['html']}, {paths['json']}, {paths['csv']} and {len(paths) - 3} plots")
+
+
+def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
+    if ":" in data and not Path(data).exists():
+        return next(iter(batches_from_callable(data, 1, seed))).to(dev)
+    tensors = load_data(data)
+    return tensors.batch(plan_batches(tensors.num_samples, batch_size, 1, seed)[0]).to(dev)
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Held-out data (a 'labels' entry enables accuracy).")
+@click.option(
+    "--scales", "scale_files", multiple=True, type=click.Path(path_type=Path), help="Scale files (repeat)."
+)
+@click.option("--calib-data", help="Calibrate on this data instead of reading --scales (with --bits).")
+@click.option("--bits", "bits_list", default="4,6,8", show_default=True, help="Bit widths with --calib-data.")
+@click.option("--arch")
+@click.option("--methods", help="Methods to evaluate [default: all in each scale file].")
+@click.option(
+    "--batches", "num_batches", default=10, show_default=True, type=int, help="Calibration batches."
+)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
+@click.option("--device")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def evaluate_command(
+    model: Path,
+    data: str,
+    scale_files: tuple[Path, ...],
+    calib_data: str | None,
+    bits_list: str,
+    arch: str | None,
+    methods: str | None,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    out: Path | None,
+    device: str | None,
+    allow_pickle: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Compare each method's simulated quantized model with the float model on held-out data.
+
+    \b
+    Example:
+      octavcal evaluate sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --data sample_models/digits_cnn.heldout.safetensors \\
+          --calib-data sample_models/digits_cnn.calib.safetensors --bits 4,6,8
+    """
+    dev = resolve_device(device)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev)
+    method_list = methods.split(",") if methods else None
+    if scale_files:
+        tables = [load_scales(p) for p in scale_files]
+        for path, table in zip(scale_files, tables, strict=True):
+            check_fingerprint(table, loaded.module, path)
+    elif calib_data:
+        tables = []
+        for bits in [int(b) for b in bits_list.split(",") if b.strip()]:
+            config = CalibrationConfig(bits=bits, methods=tuple(method_list or DEFAULT_METHODS))
+            calib, _ = _batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)
+            with progress_bar(quiet or as_json) as progress:
+                tables.append(calibrate(loaded, calib(), config, seed=seed, progress=progress))
+    else:
+        raise click.UsageError("Give --scales, or --calib-data with --bits.")
+    held = load_data(data)
+    order = torch.arange(held.num_samples).split(batch_size)
+    with progress_bar(quiet or as_json) as progress:
+        rows = evaluate(loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress)
+    if out is not None:
+        write_evaluation(rows, out)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2, default=str))
+    elif not quiet:
+        render_evaluation(rows)
+
+
+@main.group("export")
+def export_group() -> None:
+    """Write scales for runtimes: ONNX QDQ models, ONNX Runtime overrides, TensorRT caches."""
+
+
+def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.argument("model", type=click.Path(path_type=Path)),
+            click.option("--scales", required=True, type=click.Path(path_type=Path)),
+            click.option("--method", default="octav", show_default=True),
+            click.option(
+                "--data", required=True, help="Example inputs for tracing (the first batch is used)."
+            ),
+            click.option("--arch"),
+            click.option("--batch-size", default=2, show_default=True, type=int),
+            click.option("--allow-pickle", is_flag=True),
+            click.option("-o", "--output", required=True, type=click.Path(path_type=Path)),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@export_group.command("onnx")
+@_export_common
+@friendly_errors
+def export_onnx_command(
+    model: Path,
+    scales: Path,
+    method: str,
+    data: str,
+    arch: str | None,
+    batch_size: int,
+    allow_pickle: bool,
+    output: Path,
+) -> None:
+    """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
+
+    Also writes OUTPUT.json (targets -> ONNX tensors and scales) and OUTPUT.ort_overrides.json
+    (ONNX Runtime's TensorQuantOverrides for quantize_static).
+
+    \b
+    Example:
+      octavcal export onnx sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --scales sample_models/digits_cnn.scales.safetensors \\
+          --data sample_models/digits_cnn.calib.safetensors -o cnn.qdq.onnx
+    """
+    from .export.onnx import export_qdq, ort_overrides
+
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
+    table = load_scales(scales)
+    mapping = export_qdq(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), output)
+    overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
+    overrides.write_text(json.dumps(ort_overrides(table, method, mapping), indent=1))
+    click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
+
+
+@export_group.command("trt-cache")
+@_export_common
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(path_type=Path),
+    help="Also where the float ONNX goes [default: OUTPUT with .onnx].",
+)
+@friendly_errors
+def export_trt_command(
+    model: Path,
+    scales: Path,
+    method: str,
+    data: str,
+    arch: str | None,
+    batch_size: int,
+    allow_pickle: bool,
+    output: Path,
+    onnx_path: Path | None,
+) -> None:
+    """Write a TensorRT INT8 calibration cache (8-bit per-tensor activations) and the float ONNX it names.
+
+    \b
+    Example:
+      octavcal export trt-cache sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --scales cnn8.scales.safetensors --data sample_models/digits_cnn.calib.safetensors -o cnn.cache
+    """
+    from .export.onnx import export_float
+    from .export.tensorrt import calibration_cache
+
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
+    table = load_scales(scales)
+    onnx_path = onnx_path or output.with_suffix(".onnx")
+    mapping = export_float(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), onnx_path)
+    text, skipped = calibration_cache(table, method, mapping)
+    write_text_atomic(output, text)
+    for reason in skipped:
+        click.echo(f"Warning: left out of the cache: {reason}", err=True)
+    click.echo(f"Wrote {output} ({len(text.splitlines()) - 1} tensors) for {onnx_path}")
 
 
 @main.command("inspect")

@@ -137,7 +137,9 @@ class _OperandMode(TorchFunctionMode):
             for j, name in enumerate(("query", "key", "value")):
                 where, key = (args, j) if j < len(args) else (kwargs, name)
                 if isinstance(where, list) or name in kwargs:
-                    where[key] = _or(self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key])
+                    where[key] = _or(
+                        self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key]
+                    )
         return func(*args, **kwargs)
 
 
@@ -276,7 +278,9 @@ class _ExportRunner(torch.fx.Interpreter):
             args = (lhs, rhs, *args[2:])
         elif target is torch.ops.aten.scaled_dot_product_attention.default:
             i = self.positions.next(module, "sdpa")
-            qkv = [_or(self.deliver(Target(module, f"sdpa{i}.{n}", "sdpa"), t), t)
-                   for n, t in zip(("query", "key", "value"), args[:3], strict=True)]
+            qkv = [
+                _or(self.deliver(Target(module, f"sdpa{i}.{n}", "sdpa"), t), t)
+                for n, t in zip(("query", "key", "value"), args[:3], strict=True)
+            ]
             args = (*qkv, *args[3:])
         return super().call_function(target, args, kwargs)

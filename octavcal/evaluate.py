@@ -70,14 +70,18 @@ def evaluate(
                 out = _output(sim(*batch.args, **batch.kwargs)).float()
                 a = acc[(method, bits)]
                 flat_ref, flat_out = ref.reshape(n, -1), out.reshape(n, -1)
-                a["cos"] = a.get("cos", 0.0) + float(torch.nn.functional.cosine_similarity(flat_out, flat_ref).sum())
+                a["cos"] = a.get("cos", 0.0) + float(
+                    torch.nn.functional.cosine_similarity(flat_out, flat_ref).sum()
+                )
                 a["sse"] = a.get("sse", 0.0) + float((out - ref).double().square().sum())
                 a["energy"] = a.get("energy", 0.0) + float(ref.double().square().sum())
                 a["count"] = a.get("count", 0.0) + ref.numel()
                 if classes:
                     a["agree"] = a.get("agree", 0.0) + int((out.argmax(1) == ref.argmax(1)).sum())
                     if batch.labels is not None:
-                        a["correct"] = a.get("correct", 0.0) + int((out.argmax(1) == batch.labels.to(out.device)).sum())
+                        a["correct"] = a.get("correct", 0.0) + int(
+                            (out.argmax(1) == batch.labels.to(out.device)).sum()
+                        )
             if progress:
                 progress("evaluating", i + 1, None)
     if not samples:
@@ -85,10 +89,17 @@ def evaluate(
     rows = []
     for (method, bits), a in acc.items():
         sqnr = 10 * math.log10(a["energy"] / a["sse"]) if a["sse"] > 0 else math.inf
-        rows.append(Fidelity(
-            method, bits, samples,
-            a["correct"] / labelled if labelled and "correct" in a else None,
-            float_correct / labelled if labelled else None,
-            a["agree"] / samples if "agree" in a else None,
-            a["cos"] / samples, a["sse"] / a["count"], sqnr))
+        rows.append(
+            Fidelity(
+                method,
+                bits,
+                samples,
+                a["correct"] / labelled if labelled and "correct" in a else None,
+                float_correct / labelled if labelled else None,
+                a["agree"] / samples if "agree" in a else None,
+                a["cos"] / samples,
+                a["sse"] / a["count"],
+                sqnr,
+            )
+        )
     return rows

@@ -238,3 +238,22 @@ def render_comparison(report: Any) -> None:
 
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render_evaluation(rows: list[Any]) -> None:
+    """`evaluate`: one row per method and bit width."""
+    tbl = Table(title="Simulated quantized model vs float model on held-out data")
+    for col in ("method", "bits", "top-1", "float top-1", "agreement", "cosine", "MSE", "SQNR dB"):
+        tbl.add_column(col, justify="left" if col == "method" else "right")
+    for r in sorted(rows, key=lambda r: (r.bits, r.method)):
+        tbl.add_row(
+            r.method,
+            str(r.bits),
+            _num(r.accuracy),
+            _num(r.float_accuracy),
+            _num(r.agreement),
+            _num(r.cosine),
+            _num(r.mse),
+            _num(r.sqnr_db),
+        )
+    console.print(tbl)

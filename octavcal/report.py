@@ -241,3 +241,33 @@ def _html(
         + _table(rows, CSV_COLUMNS)
         + "</body></html>"
     )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    from .export.onnx import _atomic_write
+
+    _atomic_write(path, text.encode())
+
+
+def write_evaluation(rows: list[Any], out: Path) -> dict[str, Path]:
+    """evaluation.json and fidelity.png (fidelity vs bits per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "evaluation.json", "png": out / "fidelity.png"}
+    paths["json"].write_text(json.dumps(_json_safe([r.as_dict() for r in rows]), indent=1))
+    metric = "accuracy" if all(r.accuracy is not None for r in rows) else "cosine"
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method in dict.fromkeys(r.method for r in rows):
+        pts = sorted((r.bits, getattr(r, metric)) for r in rows if r.method == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    if metric == "accuracy" and rows and rows[0].float_accuracy is not None:
+        ax.axhline(rows[0].float_accuracy, color="k", ls="--", lw=1, label="float")
+    ax.set(xlabel="bits", ylabel=metric, title=f"Simulated quantization: {metric} vs bits")
+    ax.legend(fontsize=7)
+    fig.savefig(paths["png"], dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return paths

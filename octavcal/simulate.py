@@ -33,8 +33,14 @@ class SimulatedModel(nn.Module):
             entry = table.targets.get(target.id)
             if entry is None or method not in entry.methods:
                 continue
-            quantized = fake_quantize(weight, entry.methods[method].amax.to(weight.device), entry.bits,
-                                      signed=True, axis=entry.axis, convention=self.convention)  # type: ignore[arg-type]
+            quantized = fake_quantize(
+                weight,
+                entry.methods[method].amax.to(weight.device),
+                entry.bits,
+                signed=True,
+                axis=entry.axis,
+                convention=self.convention,
+            )  # type: ignore[arg-type]
             with torch.no_grad():
                 weight.copy_(quantized)  # ``weight`` is a detached view of the copy's parameter
 

@@ -47,8 +47,10 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
     """Export ``model`` to ONNX with a dynamic first (batch) dimension; returns the input names."""
     module = model.module
     if model.format in ("export", "torchscript") or not isinstance(module, torch.nn.Module):
-        raise SpecError(f"ONNX export needs an eager nn.Module (state_dict + architecture, pickle or Hugging Face); "
-                        f"got a {model.format} model.")
+        raise SpecError(
+            f"ONNX export needs an eager nn.Module (state_dict + architecture, pickle or Hugging Face); "
+            f"got a {model.format} model."
+        )
     # Keyword inputs become graph inputs in the forward signature's order, not the data file's.
     order = [p for p in inspect.signature(module.forward).parameters if p in batch.kwargs]
     kwargs = {k: batch.kwargs[k] for k in order + [k for k in batch.kwargs if k not in order]}
@@ -56,8 +58,16 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
     example: tuple[Any, ...] = (*batch.args, kwargs) if kwargs else tuple(batch.args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=OPSET, input_names=names,
-                          output_names=["output"], dynamic_axes={n: {0: "batch"} for n in names + ["output"]})
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
+        )
     return names
 
 
@@ -93,23 +103,46 @@ def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarge
                     axis = 1
                 if entry.axis is None:
                     axis = None
-            found.append(OnnxTarget(tid, node.name, index, node.input[index], entry.kind, entry.bits, entry.signed,
-                                    axis, scale))
+            found.append(
+                OnnxTarget(
+                    tid,
+                    node.name,
+                    index,
+                    node.input[index],
+                    entry.kind,
+                    entry.bits,
+                    entry.signed,
+                    axis,
+                    scale,
+                )
+            )
         elif entry.role.startswith("matmul"):
-            position, side = entry.role[len("matmul"):].split(".")
+            position, side = entry.role[len("matmul") :].split(".")
             matmuls = [n for n in nodes if n.op_type == "MatMul" and n.input[1] not in initializers]
             if int(position) < len(matmuls):
                 node = matmuls[int(position)]
                 index = 0 if side == "lhs" else 1
-                found.append(OnnxTarget(tid, node.name, index, node.input[index], entry.kind, entry.bits,
-                                        entry.signed, None, scale))
+                found.append(
+                    OnnxTarget(
+                        tid,
+                        node.name,
+                        index,
+                        node.input[index],
+                        entry.kind,
+                        entry.bits,
+                        entry.signed,
+                        None,
+                        scale,
+                    )
+                )
             else:
                 missing.append(tid)
         else:
             missing.append(tid)
     if missing:
         raise ScaleFileError(
-            f"{len(missing)} targets have no counterpart in the exported ONNX graph: {', '.join(missing[:5])}. "
+            f"{len(missing)} targets have no counterpart in the exported ONNX graph: "
+            f"{', '.join(missing[:5])}. "
             "sdpa operands export as one fused op; use explicit-matmul (eager) attention."
         )
     return found
@@ -126,7 +159,9 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
     replaced: set[str] = set()
     for k, t in enumerate(targets):
         if t.bits > 8:
-            raise SpecError(f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container).")
+            raise SpecError(
+                f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container)."
+            )
         node = nodes[t.node]
         zp_type = TensorProto.INT8 if t.signed else TensorProto.UINT8
         prefix = f"octavcal_{k}"
@@ -145,21 +180,45 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
             chain = []
         else:
             lo = np.asarray(-amax[0] if t.signed else 0.0, dtype=np.float32)
-            graph.initializer.extend([numpy_helper.from_array(lo, f"{prefix}_lo"),
-                                      numpy_helper.from_array(amax[0].astype(np.float32), f"{prefix}_hi")])
-            chain = [helper.make_node("Clip", [t.tensor, f"{prefix}_lo", f"{prefix}_hi"], [f"{prefix}_clipped"],
-                                      name=f"{prefix}_Clip")]
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(lo, f"{prefix}_lo"),
+                    numpy_helper.from_array(amax[0].astype(np.float32), f"{prefix}_hi"),
+                ]
+            )
+            chain = [
+                helper.make_node(
+                    "Clip",
+                    [t.tensor, f"{prefix}_lo", f"{prefix}_hi"],
+                    [f"{prefix}_clipped"],
+                    name=f"{prefix}_Clip",
+                )
+            ]
             source = f"{prefix}_clipped"
         scale_init = scale if t.axis is not None else scale[:1].reshape(())
         zero = np.zeros(scale_init.shape, dtype=np.int8 if t.signed else np.uint8)
-        graph.initializer.extend([numpy_helper.from_array(scale_init.astype(np.float32), f"{prefix}_scale"),
-                                  helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist())])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(scale_init.astype(np.float32), f"{prefix}_scale"),
+                helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist()),
+            ]
+        )
         axis = {"axis": t.axis} if t.axis is not None else {}
         chain += [
-            helper.make_node("QuantizeLinear", [source, f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_q"],
-                             name=f"{prefix}_QuantizeLinear", **axis),
-            helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_dq"],
-                             name=f"{prefix}_DequantizeLinear", **axis),
+            helper.make_node(
+                "QuantizeLinear",
+                [source, f"{prefix}_scale", f"{prefix}_zp"],
+                [f"{prefix}_q"],
+                name=f"{prefix}_QuantizeLinear",
+                **axis,
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"],
+                [f"{prefix}_dq"],
+                name=f"{prefix}_DequantizeLinear",
+                **axis,
+            ),
         ]
         node.input[t.input_index] = f"{prefix}_dq"
         new_nodes.setdefault(t.node, []).extend(chain)
@@ -175,13 +234,58 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
     graph.initializer.extend(kept)
 
 
-def export_qdq(model: LoadedModel, table: ScaleTable, method: str, batch: Batch, path: str | Path) -> dict[str, Any]:
-    """Write a QDQ ONNX model and ``<path>.json`` mapping targets to ONNX tensors; returns the mapping."""
-    import onnx
-
+def _checked(model: LoadedModel, table: ScaleTable, method: str) -> None:
     check_fingerprint(table, model.module, "the given scales")
     if method not in table.methods:
         raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+
+
+def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: list[str]) -> dict[str, Any]:
+    return {
+        "method": method,
+        "inputs": inputs,
+        "grid": table.meta.get("grid"),
+        "targets": {
+            t.target: {
+                "onnx_node": t.node,
+                "input_index": t.input_index,
+                "onnx_tensor": t.tensor,
+                "bits": t.bits,
+                "signed": t.signed,
+                "axis": t.axis,
+                "scale": t.scale,
+            }
+            for t in targets
+        },
+    }
+
+
+def export_float(
+    model: LoadedModel, table: ScaleTable, method: str, batch: Batch, path: str | Path
+) -> dict[str, Any]:
+    """Write the float ONNX model (for TensorRT with a calibration cache); returns the target mapping."""
+    import onnx
+
+    _checked(model, table, method)
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        inputs = export_float_onnx(model, batch, float_path)
+        data = float_path.read_bytes()
+    mapping = _mapping(
+        locate_targets(onnx.load_from_string(data).graph, table, method), table, method, inputs
+    )
+    _atomic_write(path, data)
+    return mapping
+
+
+def export_qdq(
+    model: LoadedModel, table: ScaleTable, method: str, batch: Batch, path: str | Path
+) -> dict[str, Any]:
+    """Write a QDQ ONNX model and ``<path>.json`` mapping targets to ONNX tensors; returns the mapping."""
+    import onnx
+
+    _checked(model, table, method)
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
@@ -190,10 +294,7 @@ def export_qdq(model: LoadedModel, table: ScaleTable, method: str, batch: Batch,
     targets = locate_targets(onnx_model.graph, table, method)
     insert_qdq(onnx_model, targets, table)
     onnx.checker.check_model(onnx_model)
-    mapping = {"method": method, "inputs": inputs, "grid": table.meta.get("grid"),
-               "targets": {t.target: {"onnx_node": t.node, "input_index": t.input_index, "onnx_tensor": t.tensor,
-                                      "bits": t.bits, "signed": t.signed, "axis": t.axis, "scale": t.scale}
-                           for t in targets}}
+    mapping = _mapping(targets, table, method, inputs)
     _atomic_write(path, onnx_model.SerializeToString())
     _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
     return mapping

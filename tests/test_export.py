@@ -1,0 +1,145 @@
+"""Using the scales: simulation, ONNX QDQ run in ONNX Runtime, ORT overrides, TensorRT cache."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import octavcal
+from octavcal import CalibrationConfig, ScaleFileError, SpecError
+from octavcal.export.onnx import export_float, export_qdq, ort_overrides
+from octavcal.export.tensorrt import HEADER, calibration_cache, parse_cache, scale_to_hex
+from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.simulate import apply_scales
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def setup(paths, bits, methods=("octav",)):
+    loaded = load_model(paths["model"], arch=paths["arch"])
+    data = load_data(paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 32, 3, 0)]
+    return loaded, batches, octavcal.calibrate(loaded, batches, CalibrationConfig(bits=bits, methods=methods))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_qdq_model_runs_in_onnxruntime_and_matches_the_simulation(tmp_path, model, bits, cnn_paths,
+                                                                    transformer_paths):
+    paths = cnn_paths if model == "cnn" else transformer_paths
+    loaded, batches, table = setup(paths, bits)
+    mapping = export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    assert len(mapping["targets"]) == len(table.targets)
+    held = load_data(paths["heldout"]).batch(torch.arange(128))
+    with torch.no_grad():
+        ref = apply_scales(loaded, table, "octav")(*held.args, **held.kwargs).numpy()
+    options = ort.SessionOptions()
+    # Graph optimizations off: ORT's fused integer kernels may drop the Clip that narrows an int8
+    # container to B bits. What remains is float arithmetic in another order, so an activation lying on
+    # a rounding boundary can land one step away; the tolerance allows for those rare elements only.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    out = session.run(None, {k: v.numpy() for k, v in held.kwargs.items()})[0]
+    close = np.abs(out - ref) <= 1e-4 * np.abs(ref).max()
+    assert close.mean() >= 0.99
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_every_qdq_scale_equals_the_scale_file(tmp_path, transformer_paths):
+    loaded, batches, table = setup(transformer_paths, 8)
+    mapping = export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    for tid, m in mapping["targets"].items():
+        dq = producers[nodes[m["onnx_node"]].input[m["input_index"]]]
+        assert dq.op_type == "DequantizeLinear"
+        entry = table.targets[tid]
+        expected = (entry.methods["octav"].amax / entry.grid(table.convention).qmax).numpy()
+        np.testing.assert_array_equal(inits[dq.input[1]].reshape(-1), expected.reshape(-1).astype(np.float32))
+        zero = inits[dq.input[2]]
+        assert zero.dtype == (np.int8 if entry.signed else np.uint8) and not zero.any()
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["targets"].keys() == mapping["targets"].keys()
+    overrides = ort_overrides(table, "octav", mapping)
+    first = mapping["targets"]["embed:input"]
+    assert overrides[first["onnx_tensor"]][0]["scale"] == pytest.approx(first["scale"][0])
+
+
+def test_trt_cache_round_trips(tmp_path, cnn_paths):
+    loaded, batches, table = setup(cnn_paths, 8, methods=("octav", "max"))
+    mapping = export_float(loaded, table, "max", batches[0], tmp_path / "m.onnx")
+    text, skipped = calibration_cache(table, "max", mapping)
+    assert text.splitlines()[0] == HEADER and not skipped
+    back = parse_cache(text)
+    for tid, m in mapping["targets"].items():
+        if table.targets[tid].kind == "activation":
+            assert back[m["onnx_tensor"]] == pytest.approx(table.amax(tid, "max").item() / 127, rel=1e-7)
+    assert scale_to_hex(1.0) == "3f800000"
+    names = {i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input} | {
+        o for n in onnx.load(str(tmp_path / "m.onnx")).graph.node for o in n.output}
+    assert set(back) <= names
+
+
+def test_trt_cache_skips_other_bit_widths(cnn_paths, tmp_path):
+    loaded, batches, table = setup(cnn_paths, 4)
+    mapping = export_float(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    text, skipped = calibration_cache(table, "octav", mapping)
+    assert text == HEADER + "\n" and len(skipped) == 4 and "4 bits" in skipped[0]
+
+
+def test_apply_scales_leaves_the_model_bit_identical(cnn_paths):
+    loaded, _, table = setup(cnn_paths, 4)
+    before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    sim = apply_scales(loaded, table, "octav")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(sim(x), loaded.module(x))
+    assert all(torch.equal(before[k], v) for k, v in loaded.module.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in loaded.module.modules())
+
+
+def test_simulation_equals_a_hand_written_quantized_forward(cnn_paths):
+    import torch.nn.functional as F
+
+    loaded, _, table = setup(cnn_paths, 4)
+    m = loaded.module
+
+    def qa(name, x):
+        e = table.targets[f"{name}:input"]
+        return octavcal.fake_quantize(x, e.methods["octav"].amax, 4, signed=e.signed)
+
+    def qw(name):
+        e = table.targets[f"{name}:weight"]
+        return octavcal.fake_quantize(getattr(m, name).weight, e.methods["octav"].amax, 4, axis=0)
+
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        h = F.relu(F.conv2d(qa("conv1", x), qw("conv1"), m.conv1.bias, padding=1))
+        h = F.avg_pool2d(F.relu(F.conv2d(qa("conv2", h), qw("conv2"), m.conv2.bias, padding=1)), 2)
+        h = F.relu(F.linear(qa("fc1", h.flatten(1)), qw("fc1"), m.fc1.bias))
+        ref = F.linear(qa("fc2", h), qw("fc2"), m.fc2.bias)
+        torch.testing.assert_close(apply_scales(loaded, table, "octav")(x), ref)
+
+
+def test_bad_scale_inputs(tmp_path, cnn_paths, transformer_paths):
+    loaded, batches, table = setup(cnn_paths, 4)
+    other, _, _ = setup(transformer_paths, 4)
+    with pytest.raises(ScaleFileError, match="computed for other model weights"):
+        apply_scales(other, table, "octav")
+    with pytest.raises(ScaleFileError, match="has no method 'sweep'. It has: octav"):
+        apply_scales(loaded, table, "sweep")
+    table.targets["ghost:input"] = table.targets["fc1:input"]
+    table.targets["ghost:input"] = type(table.targets["fc1:input"])(
+        "ghost", "input", "Linear", "activation", 4, True, None, [1], table.targets["fc1:input"].methods)
+    with pytest.raises(ScaleFileError, match="1 targets have no counterpart in the exported ONNX graph: ghost:input"):
+        export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    del table.targets["ghost:input"]
+    table.targets["fc1:input"].bits = 12
+    with pytest.raises(SpecError, match="has 12 bits; the ONNX export holds at most 8"):
+        export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
