@@ -156,9 +156,13 @@ def test_usage_errors_exit_2(cnn_paths):
 
 
 def test_every_command_has_help_with_an_example():
-    for command in main.commands:
-        result = run(command, "--help")
-        assert result.exit_code == 0 and "Example:" in result.stdout, command
+    import click
+
+    for name, command in main.commands.items():
+        paths = [[name, sub] for sub in command.commands] if isinstance(command, click.Group) else [[name]]
+        for path in paths:
+            result = run(*path, "--help")
+            assert result.exit_code == 0 and "Example:" in result.stdout, path
 
 
 def test_compare_end_to_end_and_from_a_scale_file(tmp_path, transformer_paths, cnn_paths):
