@@ -45,6 +45,7 @@ __all__ = [
     "SpecError",
     "__version__",
     "analytic_mse",
+    "apply_scales",
     "calibrate",
     "compute_amax",
     "fake_quantize",

@@ -186,11 +186,14 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
                 handles.append(module.register_forward_pre_hook(push(name)))
                 handles.append(module.register_forward_hook(pop))
 
-        def run(batch: Batch) -> Any:
+        def run(batch: Batch, grad: bool = False) -> Any:
             del stack[1:]
             positions.counts.clear()
             try:
-                with torch.no_grad(), _OperandMode(stack, positions, deliver):
+                with (
+                    torch.set_grad_enabled(grad and torch.is_grad_enabled()),
+                    _OperandMode(stack, positions, deliver),
+                ):
                     return model(*batch.args, **batch.kwargs)
             except OctavcalError:
                 raise
@@ -233,7 +236,7 @@ class _ExportRunner(torch.fx.Interpreter):
         self.positions = _Positions()
         self.current = ""
 
-    def run_batch(self, batch: Batch) -> Any:
+    def run_batch(self, batch: Batch, grad: bool = False) -> Any:
         self.positions.counts.clear()
         flat, _ = torch.utils._pytree.tree_flatten((batch.args, batch.kwargs))
         try:

@@ -166,44 +166,144 @@ def test_every_command_has_help_with_an_example():
 
 
 def test_compare_end_to_end_and_from_a_scale_file(tmp_path, transformer_paths, cnn_paths):
-    base = ["--arch", transformer_paths["arch"], "--data", transformer_paths["data"], "--batches", "2",
-            "--batch-size", "16"]
-    result = run("compare", transformer_paths["model"], *base, "--heldout-batches", "1", "--methods", "octav,sweep,p99.99", "--bits", "4,8",
-                 "--out", tmp_path / "r", "--json", "--curve-points", "30")
+    base = [
+        "--arch",
+        transformer_paths["arch"],
+        "--data",
+        transformer_paths["data"],
+        "--batches",
+        "2",
+        "--batch-size",
+        "16",
+    ]
+    result = run(
+        "compare",
+        transformer_paths["model"],
+        *base,
+        "--heldout-batches",
+        "1",
+        "--methods",
+        "octav,sweep,p99.99",
+        "--bits",
+        "4,8",
+        "--out",
+        tmp_path / "r",
+        "--json",
+        "--curve-points",
+        "30",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)["summary"]
     assert set(summary["appendix_f"]) == {"octav", "sweep", "p99.99"}
     assert {v["bits"] for v in summary["methods"].values()} == {4, 8}
     assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "targets.csv").exists()
     scales = tmp_path / "t.safetensors"
-    assert run("calibrate", transformer_paths["model"], *base, "--methods", "octav", "-o", scales, "--quiet").exit_code == 0
-    result = run("compare", transformer_paths["model"], *base, "--scales", scales, "--out", tmp_path / "r2", "--quiet")
+    assert (
+        run(
+            "calibrate", transformer_paths["model"], *base, "--methods", "octav", "-o", scales, "--quiet"
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "compare", transformer_paths["model"], *base, "--scales", scales, "--out", tmp_path / "r2", "--quiet"
+    )
     assert result.exit_code == 0, result.output
-    other = run("compare", cnn_paths["model"], "--arch", cnn_paths["arch"], "--data", cnn_paths["data"],
-                "--scales", scales, "--out", tmp_path / "r3")
+    other = run(
+        "compare",
+        cnn_paths["model"],
+        "--arch",
+        cnn_paths["arch"],
+        "--data",
+        cnn_paths["data"],
+        "--scales",
+        scales,
+        "--out",
+        tmp_path / "r3",
+    )
     assert other.exit_code == 1 and "was computed for other model weights" in other.stderr
 
 
 def test_evaluate_and_export_commands(tmp_path, cnn_paths):
     base = ["--arch", cnn_paths["arch"]]
     scales = tmp_path / "s8.safetensors"
-    assert run("calibrate", cnn_paths["model"], *base, "--data", cnn_paths["data"], "--bits", "8", "--methods",
-               "octav,max", "-o", scales, "--quiet").exit_code == 0
-    result = run("evaluate", cnn_paths["model"], *base, "--data", cnn_paths["heldout"], "--scales", scales, "--json",
-                 "--out", tmp_path / "ev")
+    assert (
+        run(
+            "calibrate",
+            cnn_paths["model"],
+            *base,
+            "--data",
+            cnn_paths["data"],
+            "--bits",
+            "8",
+            "--methods",
+            "octav,max",
+            "-o",
+            scales,
+            "--quiet",
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "evaluate",
+        cnn_paths["model"],
+        *base,
+        "--data",
+        cnn_paths["heldout"],
+        "--scales",
+        scales,
+        "--json",
+        "--out",
+        tmp_path / "ev",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert {(r["method"], r["bits"]) for r in rows} == {("octav", 8), ("max", 8)}
     assert all(r["accuracy"] is not None and r["agreement"] > 0.9 for r in rows)
     assert (tmp_path / "ev" / "fidelity.png").exists()
     out = tmp_path / "m.qdq.onnx"
-    result = run("export", "onnx", cnn_paths["model"], *base, "--scales", scales, "--data", cnn_paths["data"], "-o", out)
+    result = run(
+        "export",
+        "onnx",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        scales,
+        "--data",
+        cnn_paths["data"],
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert out.exists() and (tmp_path / "m.qdq.onnx.ort_overrides.json").exists()
     cache = tmp_path / "m.cache"
-    result = run("export", "trt-cache", cnn_paths["model"], *base, "--scales", scales, "--data", cnn_paths["data"],
-                 "-o", cache)
+    result = run(
+        "export",
+        "trt-cache",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        scales,
+        "--data",
+        cnn_paths["data"],
+        "-o",
+        cache,
+    )
     assert result.exit_code == 0 and cache.read_text().startswith("TRT-")
-    result = run("export", "onnx", cnn_paths["model"], *base, "--scales", scales, "--method", "p99",
-                 "--data", cnn_paths["data"], "-o", tmp_path / "x.onnx")
-    assert result.exit_code == 1 and result.stderr.strip() == "Error: The scale file has no method 'p99'. It has: octav, max."
+    result = run(
+        "export",
+        "onnx",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        scales,
+        "--method",
+        "p99",
+        "--data",
+        cnn_paths["data"],
+        "-o",
+        tmp_path / "x.onnx",
+    )
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == "Error: The scale file has no method 'p99'. It has: octav, max."
+    )

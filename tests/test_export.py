@@ -27,8 +27,9 @@ def setup(paths, bits, methods=("octav",)):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("model", ["cnn", "transformer"])
-def test_qdq_model_runs_in_onnxruntime_and_matches_the_simulation(tmp_path, model, bits, cnn_paths,
-                                                                    transformer_paths):
+def test_qdq_model_runs_in_onnxruntime_and_matches_the_simulation(
+    tmp_path, model, bits, cnn_paths, transformer_paths
+):
     paths = cnn_paths if model == "cnn" else transformer_paths
     loaded, batches, table = setup(paths, bits)
     mapping = export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
@@ -81,7 +82,8 @@ def test_trt_cache_round_trips(tmp_path, cnn_paths):
             assert back[m["onnx_tensor"]] == pytest.approx(table.amax(tid, "max").item() / 127, rel=1e-7)
     assert scale_to_hex(1.0) == "3f800000"
     names = {i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input} | {
-        o for n in onnx.load(str(tmp_path / "m.onnx")).graph.node for o in n.output}
+        o for n in onnx.load(str(tmp_path / "m.onnx")).graph.node for o in n.output
+    }
     assert set(back) <= names
 
 
@@ -135,8 +137,11 @@ def test_bad_scale_inputs(tmp_path, cnn_paths, transformer_paths):
         apply_scales(loaded, table, "sweep")
     table.targets["ghost:input"] = table.targets["fc1:input"]
     table.targets["ghost:input"] = type(table.targets["fc1:input"])(
-        "ghost", "input", "Linear", "activation", 4, True, None, [1], table.targets["fc1:input"].methods)
-    with pytest.raises(ScaleFileError, match="1 targets have no counterpart in the exported ONNX graph: ghost:input"):
+        "ghost", "input", "Linear", "activation", 4, True, None, [1], table.targets["fc1:input"].methods
+    )
+    with pytest.raises(
+        ScaleFileError, match="1 targets have no counterpart in the exported ONNX graph: ghost:input"
+    ):
         export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
     del table.targets["ghost:input"]
     table.targets["fc1:input"].bits = 12
