@@ -260,22 +260,24 @@ def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: 
     }
 
 
+def _float_graph(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> tuple[Any, list[str]]:
+    """Check the scales fit the model, export it to float ONNX; returns (onnx model, input names)."""
+    import onnx
+
+    _checked(model, table, method)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        inputs = export_float_onnx(model, batch, float_path)
+        return onnx.load(str(float_path)), inputs
+
+
 def export_float(
     model: LoadedModel, table: ScaleTable, method: str, batch: Batch, path: str | Path
 ) -> dict[str, Any]:
     """Write the float ONNX model (for TensorRT with a calibration cache); returns the target mapping."""
-    import onnx
-
-    _checked(model, table, method)
-    path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = Path(tmp) / "float.onnx"
-        inputs = export_float_onnx(model, batch, float_path)
-        data = float_path.read_bytes()
-    mapping = _mapping(
-        locate_targets(onnx.load_from_string(data).graph, table, method), table, method, inputs
-    )
-    _atomic_write(path, data)
+    onnx_model, inputs = _float_graph(model, table, method, batch)
+    mapping = _mapping(locate_targets(onnx_model.graph, table, method), table, method, inputs)
+    _atomic_write(Path(path), onnx_model.SerializeToString())
     return mapping
 
 
@@ -285,16 +287,12 @@ def export_qdq(
     """Write a QDQ ONNX model and ``<path>.json`` mapping targets to ONNX tensors; returns the mapping."""
     import onnx
 
-    _checked(model, table, method)
-    path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = Path(tmp) / "float.onnx"
-        inputs = export_float_onnx(model, batch, float_path)
-        onnx_model = onnx.load(str(float_path))
+    onnx_model, inputs = _float_graph(model, table, method, batch)
     targets = locate_targets(onnx_model.graph, table, method)
     insert_qdq(onnx_model, targets, table)
     onnx.checker.check_model(onnx_model)
     mapping = _mapping(targets, table, method, inputs)
+    path = Path(path)
     _atomic_write(path, onnx_model.SerializeToString())
     _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
     return mapping
