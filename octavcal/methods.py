@@ -26,7 +26,7 @@ _SWEEP_BLOCK = 1 << 13
 # OCTAV's passes work on blocks of this many elements, reusing one cache-sized buffer.
 _BLOCK = 1 << 20
 # Tensors up to this size are solved by one sort (exact; iterations reported as 0).
-_SORT_BELOW = 1 << 16
+_SORT_BELOW = 1 << 14
 # Rows this long stop on OCTAV's contraction estimate; shorter ones when a step is below tol.
 _SMOOTH_ROW = 1 << 16
 
@@ -348,7 +348,7 @@ def octav(
     ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
     (the paper's s_1); "auto" starts from OCTAV on a 16K-value subsample when the tensor is large; a
     number or a [C] tensor is used as given. With ``init="auto"`` and no ``iterations``, tensors of
-    up to 65536 values are solved exactly by sorting instead (the iteration count is then 0).
+    up to 16384 values are solved exactly by sorting instead (the iteration count is then 0).
     Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> with only the outlier
     above s, s = 100 / (4c + 1) = 99.32; a unit Gaussian -> amax about 2.49.
     Returns amax ([] or [C]); with ``return_iterations`` an ``OctavResult(amax, iterations)``.
