@@ -135,3 +135,23 @@ def test_batch_plans_are_reproducible_and_held_out_batches_are_disjoint():
     assert not set(torch.cat(a).tolist()) & set(torch.cat(held).tolist())
     with pytest.warns(UserWarning, match="samples repeat"):
         plan_batches(10, 8, 5, seed=0)
+
+
+def test_hugging_face_folder_loads_offline_with_eager_attention(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.format == "huggingface" and loaded.module.config._attn_implementation == "eager"
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 16)
+    mask[:, 12:] = 0
+    from octavcal.loading import Batch
+
+    table = calibrate(loaded, [Batch((), {"input_ids": ids, "attention_mask": mask})],
+                      CalibrationConfig(methods=("octav",)))
+    for side in ("matmul0.lhs", "matmul0.rhs", "matmul1.lhs", "matmul1.rhs"):
+        assert f"encoder.layer.1.attention.self:{side}" in table.targets
+    assert table.targets["encoder.layer.0.attention.self.query:input"].masked
