@@ -149,7 +149,7 @@ def _or(replacement: torch.Tensor | None, original: torch.Tensor) -> torch.Tenso
 
 
 @contextmanager
-def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Callable[[Batch], Any]]:
+def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Callable[..., Any]]:
     """Install capture on ``loaded.module`` and yield ``run(batch)``; everything is removed on exit.
 
     ``run`` raises CalibrationError naming the innermost module when the forward pass fails.

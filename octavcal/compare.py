@@ -41,11 +41,11 @@ class MethodRow:
 
     @property
     def mse(self) -> float:
-        return self.calib.sse / max(self.calib.count, 1)
+        return self.calib.sse / max(self.calib.values, 1)
 
     @property
     def heldout_mse(self) -> float:
-        return self.heldout.sse / max(self.heldout.count, 1)
+        return self.heldout.sse / max(self.heldout.values, 1)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class _Evaluator:
                     bits,
                     signed=entry.signed,
                     axis=entry.axis,
-                    convention=table.convention,
+                    convention=table.convention,  # type: ignore[arg-type]
                     small_below=small_below,
                 )  # type: ignore[arg-type]
                 self.stats[key] = self.stats.get(key, EMPTY_STATS) + s
@@ -242,8 +242,11 @@ def _appendix_g(rep: TargetReport, bits: int, table: ScaleTable) -> list[dict[st
         return []
     entry = table.targets[rep.target]
     per_batch = {}
-    if octav and sweep and entry.methods["octav"].per_batch is not None:
-        o, s = entry.methods["octav"].per_batch, entry.methods["sweep"].per_batch
+    o, s = (
+        entry.methods["octav"].per_batch if octav else None,
+        entry.methods["sweep"].per_batch if sweep else None,
+    )
+    if o is not None and s is not None:
         per_batch = {"octav": o.tolist(), "sweep": s.tolist()}
         disagree = [i for i in range(len(o)) if max(float(s[i] / o[i]), float(o[i] / s[i])) > DISAGREEMENT]
     else:

@@ -34,7 +34,7 @@ class LoadedModel:
 
     module: nn.Module
     format: str
-    path: Path
+    path: Path | None
     hookable: bool = True
     note: str = ""
 

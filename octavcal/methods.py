@@ -166,7 +166,7 @@ def _octav_rows(
     x: torch.Tensor,
     signed: bool,
     c: float,
-    s: torch.Tensor,
+    s0: torch.Tensor,
     stats: _Stats,
     *,
     tol: float,
@@ -190,7 +190,7 @@ def _octav_rows(
     above_lo, above_hi = nnz.copy(), np.zeros(rows)  # N1 at the bracket's ends
     map_lo, map_hi = stats.total.cpu().numpy() / np.maximum(nnz, 1), np.zeros(rows)  # eq. (6) there
     done = nnz == 0
-    s = np.where(done, hi, s.cpu().numpy())
+    s = np.where(done, hi, s0.cpu().numpy())
     counts = np.zeros(rows, dtype=np.int64)
     prev_step = np.full(rows, np.inf)
     pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point

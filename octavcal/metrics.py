@@ -14,7 +14,7 @@ class ErrorStats(NamedTuple):
 
     sse: float  # sum of squared quantization errors, eq. (1) times n
     energy: float  # sum of squared values (SQNR's signal)
-    count: int  # values
+    values: int  # how many values
     clipped: int  # values beyond amax (clipped to the grid's ends)
     zeroed: int  # non-zero values that quantize to 0
     small: int  # non-zero values with |x| <= small_below (the bulk, for Appendix G)
@@ -54,7 +54,7 @@ def error_stats(
     return ErrorStats(
         sse=float((q - rows).square().sum()),
         energy=float(rows.square().sum()),
-        count=rows.numel(),
+        values=rows.numel(),
         clipped=int(((levels > grid.qmax) | (levels < grid.qmin)).sum()),
         zeroed=int(zeroed.sum()),
         small=int(small.sum()),
@@ -80,7 +80,7 @@ def significant_minima(curve: torch.Tensor, prominence: float = 0.05) -> list[in
     Example: [5, 3, 4, 2, 6] -> [1, 3]; [5, 3, 3.05, 2, 6] -> [3].
     """
     values = curve.double().tolist()
-    found = []
+    found: list[int] = []
     for i, v in enumerate(values):
         if (i > 0 and values[i - 1] < v) or (i + 1 < len(values) and values[i + 1] < v):
             continue

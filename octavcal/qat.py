@@ -107,10 +107,14 @@ class _Quantizer:
         elif self.scaler == "max":
             amax = max_scaling(data, signed=signed, axis=self.axis)
         else:  # dynamic OCTAV, warm-started from the previous iteration's scalar (small tensors: one sort)
-            init = "auto" if self.amax is None or data.numel() <= _SORT_BELOW else self.amax.to(data.device)
-            amax = octav(
+            init: Any = (
+                "auto" if self.amax is None or data.numel() <= _SORT_BELOW else self.amax.to(data.device)
+            )
+            solved = octav(
                 data, self.bits, signed=signed, axis=self.axis, convention=self.convention, init=init
             )
+            assert isinstance(solved, torch.Tensor)  # no return_iterations
+            amax = solved
         self.amax = amax.detach()
         return fake_quantize_with_grad(
             x,
@@ -178,7 +182,7 @@ class QATModel(nn.Module):
     def _bits(self, target: Target) -> int | None:
         if target.module in self.config.skip:
             return None
-        edges = getattr(self, "_edges", set())
+        edges: set[str] = getattr(self, "_edges", set())
         if self.config.first_last_bits and target.module in edges and target.op not in ("matmul", "sdpa"):
             return self.config.first_last_bits
         return self.config.bits

@@ -230,8 +230,8 @@ def render_comparison(report: Any) -> None:
             str(r.bits),
             _num(rel),
             _num(sqnr_db(r.calib)),
-            _num(r.calib.clipped / max(r.calib.count, 1)),
-            _num(r.calib.zeroed / max(r.calib.count, 1)),
+            _num(r.calib.clipped / max(r.calib.values, 1)),
+            _num(r.calib.zeroed / max(r.calib.values, 1)),
         )
     console.print(w)
 

@@ -54,8 +54,8 @@ def target_rows(report: ComparisonReport) -> list[dict[str, Any]]:
                     "relative_mse": rep.relative_mse(r),
                     "sqnr_db": sqnr_db(r.calib),
                     "heldout_sqnr_db": sqnr_db(r.heldout),
-                    "clipped_fraction": r.calib.clipped / max(r.calib.count, 1),
-                    "zeroed_fraction": r.calib.zeroed / max(r.calib.count, 1),
+                    "clipped_fraction": r.calib.clipped / max(r.calib.values, 1),
+                    "zeroed_fraction": r.calib.zeroed / max(r.calib.values, 1),
                     "seconds_per_call": r.seconds,
                     "calls": r.calls,
                 }

@@ -11,7 +11,7 @@ from torch import nn
 
 from .collect import Target, capture_activations, weight_targets
 from .errors import ScaleFileError, SpecError
-from .grid import fake_quantize
+from .grid import Convention, fake_quantize
 from .loading import Batch, LoadedModel
 from .scales import ScaleTable, check_fingerprint
 
@@ -27,7 +27,7 @@ class SimulatedModel(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model)
         self.table, self.method = table, method
-        self.convention = table.convention
+        self.convention: Convention = table.convention  # type: ignore[assignment]
         self.activation_targets = {t: e for t, e in table.targets.items() if e.kind == "activation"}
         for target, weight, _ in weight_targets(self.model):
             entry = table.targets.get(target.id)

@@ -140,8 +140,14 @@ def test_batch_plans_are_reproducible_and_held_out_batches_are_disjoint():
 def test_hugging_face_folder_loads_offline_with_eager_attention(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     transformers.BertModel(config).save_pretrained(tmp_path)
     loaded = load_model(tmp_path)
     assert loaded.format == "huggingface" and loaded.module.config._attn_implementation == "eager"
@@ -150,8 +156,9 @@ def test_hugging_face_folder_loads_offline_with_eager_attention(tmp_path, monkey
     mask[:, 12:] = 0
     from octavcal.loading import Batch
 
-    table = calibrate(loaded, [Batch((), {"input_ids": ids, "attention_mask": mask})],
-                      CalibrationConfig(methods=("octav",)))
+    table = calibrate(
+        loaded, [Batch((), {"input_ids": ids, "attention_mask": mask})], CalibrationConfig(methods=("octav",))
+    )
     for side in ("matmul0.lhs", "matmul0.rhs", "matmul1.lhs", "matmul1.rhs"):
         assert f"encoder.layer.1.attention.self:{side}" in table.targets
     assert table.targets["encoder.layer.0.attention.self.query:input"].masked

@@ -203,7 +203,7 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
                 helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist()),
             ]
         )
-        axis = {"axis": t.axis} if t.axis is not None else {}
+        axis: dict[str, Any] = {"axis": t.axis} if t.axis is not None else {}
         chain += [
             helper.make_node(
                 "QuantizeLinear",
