@@ -21,19 +21,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import octavcal.qat as qat_module  # noqa: E402
-from octavcal.qat import prepare_qat  # noqa: E402
-from sample_models.digits_cnn import DigitsCNN  # noqa: E402
-from sample_models.digits_transformer import DigitsTransformer  # noqa: E402
+import octavcal.qat as qat_module
+from octavcal.qat import prepare_qat
+from sample_models.digits_cnn import DigitsCNN
+from sample_models.digits_transformer import DigitsTransformer
 
 
 def wide_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    return nn.Sequential(
+        nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+    )
 
 
 CASES = {
     "digits CNN (batch 64)": (DigitsCNN, lambda g: ((torch.rand(64, 1, 8, 8, generator=g),), {})),
-    "digits transformer (batch 64)": (DigitsTransformer, lambda g: ((torch.rand(64, 8, 8, generator=g),), {})),
+    "digits transformer (batch 64)": (
+        DigitsTransformer,
+        lambda g: ((torch.rand(64, 8, 8, generator=g),), {}),
+    ),
     "MLP 1024-2048-2048-10 (batch 256)": (wide_mlp, lambda g: ((torch.randn(256, 1024, generator=g),), {})),
 }
 
@@ -53,11 +58,18 @@ def step_time(model: nn.Module, net: nn.Module, inputs, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    print(f"# {torch.get_num_threads()} torch threads, torch {torch.__version__}, median of {args.steps} steps")
-    print(f"{'model':36} {'float ms':>9} {'max ms':>8} {'octav warm ms':>14} {'octav cold ms':>14} {'overhead':>9}")
+    print(
+        f"# {torch.get_num_threads()} torch threads, torch {torch.__version__}, median of {args.steps} steps"
+    )
+    print(
+        f"{'model':36} {'float ms':>9} {'max ms':>8} {'octav warm ms':>14} {'octav cold ms':>14} "
+        f"{'overhead':>9}"
+    )
     for name, (build, make) in CASES.items():
         inputs = make(torch.Generator().manual_seed(0))
         torch.manual_seed(0)
@@ -73,8 +85,10 @@ def main() -> None:
                 qat_module._SORT_BELOW = 1 << 62
             row.append(step_time(model, net, inputs, args.steps))
             qat_module._SORT_BELOW = saved
-        print(f"{name:36} {row[0] * 1e3:9.2f} {row[1] * 1e3:8.2f} {row[2] * 1e3:14.2f} {row[3] * 1e3:14.2f} "
-              f"{row[2] / row[0]:8.2f}x")
+        print(
+            f"{name:36} {row[0] * 1e3:9.2f} {row[1] * 1e3:8.2f} {row[2] * 1e3:14.2f} {row[3] * 1e3:14.2f} "
+            f"{row[2] / row[0]:8.2f}x"
+        )
 
 
 if __name__ == "__main__":

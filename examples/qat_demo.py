@@ -49,10 +49,17 @@ def run(config, bits, seed, pretrained, epochs, lr, data):
         model.load_state_dict(load_file(str(ROOT / "sample_models" / "digits_cnn.safetensors")))
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
     # Weights beyond the first iteration's OCTAV scalar are clipped: PWL gives them no gradient.
-    clipped = {n: w.abs() > octav(w, bits, signed=True, axis=0).reshape(-1, *[1] * (w.dim() - 1))
-               for n, w in start.items()}
-    net = model if config is None else prepare_qat(model, bits=bits, weights=config[0], activations=config[0],
-                                                    grad=config[1], first_last_bits=None)
+    clipped = {
+        n: w.abs() > octav(w, bits, signed=True, axis=0).reshape(-1, *[1] * (w.dim() - 1))
+        for n, w in start.items()
+    }
+    net = (
+        model
+        if config is None
+        else prepare_qat(
+            model, bits=bits, weights=config[0], activations=config[0], grad=config[1], first_last_bits=None
+        )
+    )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve = []
@@ -66,14 +73,19 @@ def run(config, bits, seed, pretrained, epochs, lr, data):
         net.eval()
         with torch.no_grad():
             curve.append(float((net(x_test).argmax(1) == y_test).float().mean()))
-    weights = {n.replace(".parametrizations.weight.original", ".weight"): p.detach()
-               for n, p in model.named_parameters() if "weight" in n}
+    weights = {
+        n.replace(".parametrizations.weight.original", ".weight"): p.detach()
+        for n, p in model.named_parameters()
+        if "weight" in n
+    }
     never_moved = sum(int(((weights[n] == w0) & clipped[n]).sum()) for n, w0 in start.items())
     return curve, never_moved / max(sum(int(m.sum()) for m in clipped.values()), 1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bits", default="4,2")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
@@ -84,8 +96,10 @@ def main() -> None:
     x_train, y_train, x_test, y_test = load_digits_split()
     data = (x_train[:, None], y_train, x_test[:, None], y_test)
     results, curves = [], {}
-    for mode, epochs, lr, pretrained in (("scratch", args.epochs, 3e-3, False),
-                                         ("retrain", args.retrain_epochs, 3e-4, True)):
+    for mode, epochs, lr, pretrained in (
+        ("scratch", args.epochs, 3e-3, False),
+        ("retrain", args.retrain_epochs, 3e-4, True),
+    ):
         for bits in [int(b) for b in args.bits.split(",")]:
             for name, config in CONFIGS.items():
                 if config is None and bits != int(args.bits.split(",")[0]):
@@ -96,14 +110,24 @@ def main() -> None:
                     accs.append(curve[-1])
                     stucks.append(stuck)
                     curves.setdefault(f"{mode} {bits}-bit {name}", []).append(curve)
-                row = {"mode": mode, "bits": None if config is None else bits, "config": name,
-                       "accuracy_mean": statistics.mean(accs), "accuracy_std": statistics.pstdev(accs),
-                       "stuck_weights": statistics.mean(stucks), "seeds": args.seeds,
-                       "seconds": time.time() - t0}
+                row = {
+                    "mode": mode,
+                    "bits": None if config is None else bits,
+                    "config": name,
+                    "accuracy_mean": statistics.mean(accs),
+                    "accuracy_std": statistics.pstdev(accs),
+                    "stuck_weights": statistics.mean(stucks),
+                    "seeds": args.seeds,
+                    "seconds": time.time() - t0,
+                }
                 results.append(row)
-                print(f"{mode:8} {row['bits'] or 'fp':>3} {name:15} {100 * row['accuracy_mean']:6.2f} "
-                      f"± {100 * row['accuracy_std']:.2f}  clipped & never moved {100 * row['stuck_weights']:.1f}%  "
-                      f"({row['seconds']:.0f}s)", flush=True)
+                print(
+                    f"{mode:8} {row['bits'] or 'fp':>3} {name:15} {100 * row['accuracy_mean']:6.2f} "
+                    f"± {100 * row['accuracy_std']:.2f}  "
+                    f"clipped & never moved {100 * row['stuck_weights']:.1f}%  "
+                    f"({row['seconds']:.0f}s)",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"results": results, "curves": curves}, indent=1))
     _plot(curves, args.out / "convergence.png")
@@ -123,7 +147,12 @@ def _plot(curves, path):
             if key.split()[1] == b or "full precision" in key:
                 mean = torch.tensor(curves[key]).mean(0)
                 ax.plot(range(1, len(mean) + 1), mean, label=key.split(" ", 2)[2])
-        ax.set(title=f"From scratch, {b} (mean over seeds)", xlabel="epoch", ylabel="test accuracy", ylim=(0.5, 1))
+        ax.set(
+            title=f"From scratch, {b} (mean over seeds)",
+            xlabel="epoch",
+            ylabel="test accuracy",
+            ylim=(0.5, 1),
+        )
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .collect import Target, capture_activations, weight_targets
-from .errors import CalibrationError, DataError, SpecError
+from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .grid import CONVENTIONS, check_bits
 from .loading import Batch, LoadedModel
 from .methods import Method, compute_amax, parse_methods
@@ -255,6 +256,14 @@ def calibrate(
     rules = _bit_rules(config, list(dict.fromkeys(found)) + [w[0] for w in weights], layer_order)
     if loaded.hookable and not found:
         raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
+    if any(t.op == "sdpa" for t in found):
+        warnings.warn(
+            "scaled_dot_product_attention hides its probabilities @ V product: only its query, key and value "
+            "are calibrated. Run attention as explicit matmuls (Hugging Face: attn_implementation='eager') "
+            "for the full set.",
+            OctavcalWarning,
+            stacklevel=2,
+        )
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
     calibrator = _Calibrator(config, methods, rules)

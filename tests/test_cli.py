@@ -307,3 +307,11 @@ def test_evaluate_and_export_commands(tmp_path, cnn_paths):
         result.exit_code == 1
         and result.stderr.strip() == "Error: The scale file has no method 'p99'. It has: octav, max."
     )
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "octavcal", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("octavcal, version ")
