@@ -192,7 +192,7 @@ def _octav_rows(
     done = nnz == 0
     s = np.where(done, hi, s0.cpu().numpy())
     counts = np.zeros(rows, dtype=np.int64)
-    prev_step = np.full(rows, np.inf)
+    prev_s, prev_above = np.full(rows, np.nan), np.full(rows, np.nan)
     pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point
     # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
     smooth = n >= _SMOOTH_ROW
@@ -213,13 +213,17 @@ def _octav_rows(
                 s = np.where(done, s, newton)
                 continue
             step = np.abs(newton - s)
-            # Near the root (on long rows) the recursion contracts linearly with ratio r = step /
-            # previous step, so the distance left is at most step r / (1 - r): stop once within tol.
-            ratio = step / prev_step
+            # Near the root the map g has slope -c s f / D (f: values per unit of s, estimated from the
+            # last two evaluations and doubled for safety), and its error grows with f d^2 / (2 D) at a
+            # distance d ~ step. On long rows, stop once that estimate of g(s)'s error is within tol.
+            density = 2 * np.abs(above - prev_above) / np.abs(s - prev_s)
+            slope = c * inside_count + above
+            rho = c * s * density / slope
+            error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
             converged = (step <= tol * newton) | (
-                smooth & np.isfinite(prev_step) & (ratio < 0.5) & (step * ratio / (1 - ratio) <= tol * newton)
+                smooth & np.isfinite(error) & (rho < 0.5) & (error <= tol * newton)
             )
-            prev_step = step
+            prev_s, prev_above = s, above
             below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
             upper = ~done & ~below
             lo, above_lo, map_lo = (
@@ -232,8 +236,15 @@ def _octav_rows(
                 np.where(upper, above, above_hi),
                 np.where(upper, newton, map_hi),
             )
+            # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up from
+            # below and overshoots from above. Newton on log E(s) - log(c s N0), whose root is the same,
+            # follows tails closely; it is used while it stays inside the bracket. The map's own value
+            # still decides convergence, so the answer is the exact fixed point all the same.
+            log_step = (np.log(excess) - np.log(c * s * inside_count)) / (above / excess + 1 / s)
+            tail = s + log_step
+            use_tail = np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
             inside = (newton > lo) & (newton < hi)
-            nxt = np.where(inside | converged, newton, 0.5 * (lo + hi))
+            nxt = np.where(use_tail, tail, np.where(inside | converged, newton, 0.5 * (lo + hi)))
             # One data point v left in (lo, hi]: the map is constant on [lo, v) and on [v, hi], so the
             # root is its value on one side if that lands there, else h jumps over zero at v itself
             # (Appendix B's point of positive mass, where the recursion would cycle). Finish exactly.
@@ -259,8 +270,8 @@ def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
 
     With the m non-zero values sorted descending and k of them above s, the map is constant,
     S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the value that lands in its own
-    interval. Only the top quarter is sorted first (the root lies in the tail); if h jumps over zero
-    at a data point instead, the sample mean is good enough for a starting guess.
+    interval, or the data point where h jumps over zero. Only the top quarter is sorted first (the
+    root lies in the tail); the whole sample when it is not there.
     """
     nonzero = mags[mags > 0]
     m = nonzero.size
@@ -274,6 +285,9 @@ def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
         fixed = np.flatnonzero((root >= v) & (root < upper))
         if fixed.size:
             return float(root[fixed[0]])
+        crossing = np.flatnonzero(root >= v)  # h jumps over zero at a data point (coarse grids)
+        if crossing.size and crossing[0] > 0:
+            return float(v[crossing[0] - 1])
     return float(nonzero.mean()) if m else 0.0
 
 
