@@ -107,8 +107,8 @@ class _Accumulator:
 
 
 class _Calibrator:
-    def __init__(self, config: CalibrationConfig, methods: list[Method], rules: dict[str, int | None]):
-        self.config, self.methods, self.rules = config, methods, rules
+    def __init__(self, config: CalibrationConfig, methods: list[Method], edges: set[str]):
+        self.config, self.methods, self.edges = config, methods, edges
         self.acc: dict[str, _Accumulator] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
@@ -118,7 +118,7 @@ class _Calibrator:
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
 
     def bits_for(self, target: Target) -> int | None:
-        return self.rules.get(target.id, self.config.bits)
+        return bits_for(target, self.config, self.edges)
 
     def start_batch(self, batch: Batch) -> None:
         self.seen.clear()
@@ -136,14 +136,13 @@ class _Calibrator:
         acc = self.acc.get(target.id)
         if acc is None:
             acc = self.acc[target.id] = _Accumulator(target, bits, list(tensor.shape))
-        hit = self.seen.get(key)
-        if hit is not None and hit[0]() is tensor:
+        cached = self.seen.get(key)
+        hit = cached if cached is not None and cached[0]() is tensor else None
+        if hit is not None:
             acc.shared_with = hit[1]
             results, masked, nonnegative = hit[2]["results"], hit[2]["masked"], hit[2]["nonnegative"]
         else:
-            x, masked = tensor.detach(), False
-            if self.mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-                x, masked = x[self.mask.to(x.device)], True  # (B, T, ...) -> (valid tokens, ...)
+            x, masked = without_padding(tensor.detach(), self.mask)
             if x.numel() == 0:
                 return
             bad = (~torch.isfinite(x)).sum().item() if not bool(torch.isfinite(x.abs().amax())) else 0
@@ -202,21 +201,26 @@ class _Calibrator:
         return out
 
 
-def _bit_rules(
-    config: CalibrationConfig, targets: list[Target], layer_order: list[str]
-) -> dict[str, int | None]:
-    """Bits of every target that differs from config.bits (None: skipped)."""
-    edge = {layer_order[0], layer_order[-1]} if layer_order and config.first_last_bits else set()
-    rules: dict[str, int | None] = {}
-    for t in targets:
-        for pattern, bits in config.layer_bits:
-            if fnmatch.fnmatchcase(t.id, pattern) or fnmatch.fnmatchcase(t.module, pattern):
-                rules[t.id] = bits
-                break
-        else:
-            if t.module in edge and t.op not in ("matmul", "sdpa"):
-                rules[t.id] = config.first_last_bits
-    return rules
+def without_padding(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """Drop padded positions of a (B, T) or (B, T, features) activation: (valid tokens, ...).
+
+    Only 2-D and 3-D tensors are masked: a 4-D (B, H, T, ...) attention operand could have H == T
+    and would be masked along heads.
+    """
+    if mask is None or x.dim() not in (2, 3) or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x, False
+    return x[mask.to(x.device)], True
+
+
+def bits_for(target: Target, config: CalibrationConfig, edges: set[str]) -> int | None:
+    """The target's bit width (None: skipped): the first matching layer pattern, else the first/last
+    layer rule for Linear/Conv ``edges``, else config.bits. Applied to every target when first seen."""
+    for pattern, bits in config.layer_bits:
+        if fnmatch.fnmatchcase(target.id, pattern) or fnmatch.fnmatchcase(target.module, pattern):
+            return bits
+    if config.first_last_bits and target.module in edges and target.op not in ("matmul", "sdpa"):
+        return config.first_last_bits
+    return config.bits
 
 
 def calibrate(
@@ -253,7 +257,7 @@ def calibrate(
     layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [
         w[0].module for w in weights
     ]
-    rules = _bit_rules(config, list(dict.fromkeys(found)) + [w[0] for w in weights], layer_order)
+    edges = {layer_order[0], layer_order[-1]} if layer_order else set()
     if loaded.hookable and not found:
         raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
     if any(t.op == "sdpa" for t in found):
@@ -266,7 +270,7 @@ def calibrate(
         )
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
-    calibrator = _Calibrator(config, methods, rules)
+    calibrator = _Calibrator(config, methods, edges)
     if first is not None:
         with capture_activations(loaded, calibrator.deliver) as run:
             for i, batch in enumerate(itertools.chain([first], stream)):
@@ -279,7 +283,7 @@ def calibrate(
     targets = calibrator.activation_scales()
 
     for i, (target, weight, axis) in enumerate(weights):
-        bits = rules.get(target.id, config.bits)
+        bits = bits_for(target, config, edges)
         if bits is None:
             calibrator.skipped.add(target.id)
             continue

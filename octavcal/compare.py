@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import CalibrationConfig, Progress, calibrate
+from .calibrate import CalibrationConfig, Progress, calibrate, without_padding
 from .collect import Target, capture_activations, weight_targets
 from .errors import CalibrationError
 from .grid import rows_from
@@ -130,9 +130,7 @@ class _Evaluator:
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
         if not tensor.is_floating_point():
             return
-        x = tensor.detach()
-        if self.mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-            x = x[self.mask.to(x.device)]
+        x, _ = without_padding(tensor.detach(), self.mask)
         if x.numel():
             self.add(target.id, x, self.split, with_curve=self.split == "calib")
 

@@ -220,9 +220,7 @@ def _octav_rows(
             slope = c * inside_count + above
             rho = c * s * density / slope
             error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
-            converged = (step <= tol * newton) | (
-                smooth & np.isfinite(error) & (rho < 0.5) & (error <= tol * newton)
-            )
+            estimated = smooth & np.isfinite(error) & (rho < 0.5) & (error <= tol * newton)
             prev_s, prev_above = s, above
             below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
             upper = ~done & ~below
@@ -236,6 +234,8 @@ def _octav_rows(
                 np.where(upper, above, above_hi),
                 np.where(upper, newton, map_hi),
             )
+            # The estimate is trusted only for a value inside the bracket (not across a point mass).
+            converged = (step <= tol * newton) | (estimated & (newton >= lo) & (newton <= hi))
             # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up from
             # below and overshoots from above. Newton on log E(s) - log(c s N0), whose root is the same,
             # follows tails closely; it is used while it stays inside the bracket. The map's own value

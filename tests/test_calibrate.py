@@ -178,3 +178,47 @@ def test_peak_memory_grows_with_one_batch_not_with_n():
 
     five, fifty = peak(5), peak(50)
     assert fifty <= 1.10 * five, (five, fifty)  # keeping 45 more batches would add ~1.4 GiB
+
+
+class Branchy(nn.Module):
+    """Layer b only runs on batches of more than two samples: it is first seen in batch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) if x.shape[0] > 2 else y
+
+
+def test_bit_rules_apply_to_targets_first_seen_in_later_batches():
+    batches = [octavcal.loading.Batch((torch.randn(2, 4),)), octavcal.loading.Batch((torch.randn(3, 4),))]
+    table = calibrate(Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", 4),)))
+    assert table.targets["b:input"].bits == 4 and table.targets["b:weight"].bits == 4
+    skipped = calibrate(Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", None),)))
+    assert "b:input" not in skipped.targets and "b:input" in skipped.meta["skipped"]
+
+
+class HeadsEqualTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x, attention_mask):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 2).transpose(1, 2)  # (B, H=4, T=4, 2)
+        return q @ q.transpose(-1, -2)
+
+
+def test_padding_mask_is_not_applied_along_heads():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
+    x[0, 2:] *= 100  # padded tokens with huge values
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    table = calibrate(HeadsEqualTokens(), [octavcal.loading.Batch((), {"x": x, "attention_mask": mask})],
+                      CalibrationConfig(methods=("max",)))
+    assert table.targets["q:input"].masked
+    valid = x[mask.bool()]
+    assert table.targets["q:input"].methods["max"].amax.item() == pytest.approx(valid.abs().max().item())
+    assert not table.targets["<root>:matmul0.lhs"].masked  # (B, H, T, d): left as is, not cut along H

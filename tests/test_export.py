@@ -148,3 +148,42 @@ def test_bad_scale_inputs(tmp_path, cnn_paths, transformer_paths):
     with pytest.raises(SpecError, match="has 12 bits; the ONNX export holds at most 8"):
         export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_paper_grid_at_8_bits_does_not_fit_an_int8_container(tmp_path, cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    data = load_data(cnn_paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 16, 2, 0)]
+    table = octavcal.calibrate(loaded, batches, CalibrationConfig(bits=8, methods=("max",), convention="paper"))
+    with pytest.raises(SpecError, match="uses integers up to 256 .*more than an 8-bit container holds"):
+        export_qdq(loaded, table, "max", batches[0], tmp_path / "m.onnx")
+
+
+class ParamMatmul(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 6))
+        self.lin = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = x @ self.w
+        a = torch.relu(self.lin(x))
+        return (a @ h.transpose(-1, -2)).sum(-1)
+
+
+def test_matmul_with_a_parameter_operand_keeps_positions(tmp_path):
+    torch.manual_seed(0)
+    model = ParamMatmul().eval()
+    x = torch.randn(5, 4, 6)
+    from octavcal.loading import Batch, LoadedModel
+
+    loaded = LoadedModel(model, "module", None)
+    table = octavcal.calibrate(loaded, [Batch((x,))], CalibrationConfig(bits=8, methods=("octav",)))
+    mapping = export_qdq(loaded, table, "octav", Batch((x,)), tmp_path / "m.onnx")
+    assert {"<root>:matmul0.rhs", "<root>:matmul1.lhs"} <= set(mapping["targets"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(tmp_path / "m.onnx"), options).run(None, {"input0": x.numpy()})[0]
+    with torch.no_grad():
+        ref = apply_scales(loaded, table, "octav")(x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

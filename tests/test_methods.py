@@ -381,3 +381,13 @@ def test_per_channel_iteration_and_sorting_agree_with_the_reference(init):
             mags = w[r].abs().double().numpy()
             ref = fixed_point_by_sorting(mags, c) if mags.any() else 1.0
             assert got[r].item() == pytest.approx(ref, rel=1e-5), (shape, r)
+
+
+def test_octav_at_a_point_mass_in_a_long_row_returns_the_mass():
+    """h jumps over zero at a value held by a third of the data: the answer is that value, exactly."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70_000, generator=gen, dtype=torch.float64)
+    x[: 70_000 // 3] = 2.5
+    ref = fixed_point_by_sorting(x.abs().numpy(), Grid(4, True).noise_coefficient)
+    assert ref == 2.5
+    assert octav(x, 4).item() == pytest.approx(2.5, rel=1e-6)

@@ -118,7 +118,9 @@ def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarge
             )
         elif entry.role.startswith("matmul"):
             position, side = entry.role[len("matmul") :].split(".")
-            matmuls = [n for n in nodes if n.op_type == "MatMul" and n.input[1] not in initializers]
+            # Every MatMul in the module's own scope counts, parameter operands included, as in
+            # calibration; a child Linear's MatMul lives in the child's scope.
+            matmuls = [n for n in nodes if n.op_type == "MatMul"]
             if int(position) < len(matmuls):
                 node = matmuls[int(position)]
                 index = 0 if side == "lhs" else 1
@@ -162,11 +164,16 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
             raise SpecError(
                 f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container)."
             )
+        qmax = table.targets[t.target].grid(table.convention).qmax
+        if qmax > (127 if t.signed else 255):
+            raise SpecError(
+                f"Target '{t.target}' uses integers up to {qmax} ({t.bits} bits, {table.convention} grid), "
+                "more than an 8-bit container holds; export 8 bits on the runtime grid, or fewer bits."
+            )
         node = nodes[t.node]
         zp_type = TensorProto.INT8 if t.signed else TensorProto.UINT8
         prefix = f"octavcal_{k}"
         scale = np.asarray(t.scale, dtype=np.float32)
-        qmax = table.targets[t.target].grid(table.convention).qmax
         amax = scale * qmax
         if t.kind == "weight":
             w = numpy_helper.to_array(inits[node.input[t.input_index]]).astype(np.float32)
