@@ -242,7 +242,7 @@ def _octav_rows(
             # still decides convergence, so the answer is the exact fixed point all the same.
             log_step = (np.log(excess) - np.log(c * s * inside_count)) / (above / excess + 1 / s)
             tail = s + log_step
-            use_tail = np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
+            use_tail = smooth & np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
             inside = (newton > lo) & (newton < hi)
             nxt = np.where(use_tail, tail, np.where(inside | converged, newton, 0.5 * (lo + hi)))
             # One data point v left in (lo, hi]: the map is constant on [lo, v) and on [v, hi], so the
