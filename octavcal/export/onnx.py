@@ -77,6 +77,14 @@ def _scope(node_name: str) -> str:
     return ".".join(parts[:-1])
 
 
+def _edge(
+    tid: str, entry: TargetScales, node: Any, index: int, axis: int | None, scale: list[float]
+) -> OnnxTarget:
+    return OnnxTarget(
+        tid, node.name, index, node.input[index], entry.kind, entry.bits, entry.signed, axis, scale
+    )
+
+
 def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarget]:
     """Match every target of ``table`` to a node input of ``graph`` by module scope and call order."""
     by_scope: dict[str, list[Any]] = {}
@@ -103,19 +111,7 @@ def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarge
                     axis = 1
                 if entry.axis is None:
                     axis = None
-            found.append(
-                OnnxTarget(
-                    tid,
-                    node.name,
-                    index,
-                    node.input[index],
-                    entry.kind,
-                    entry.bits,
-                    entry.signed,
-                    axis,
-                    scale,
-                )
-            )
+            found.append(_edge(tid, entry, node, index, axis, scale))
         elif entry.role.startswith("matmul"):
             position, side = entry.role[len("matmul") :].split(".")
             # Every MatMul in the module's own scope counts, parameter operands included, as in
@@ -124,19 +120,7 @@ def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarge
             if int(position) < len(matmuls):
                 node = matmuls[int(position)]
                 index = 0 if side == "lhs" else 1
-                found.append(
-                    OnnxTarget(
-                        tid,
-                        node.name,
-                        index,
-                        node.input[index],
-                        entry.kind,
-                        entry.bits,
-                        entry.signed,
-                        None,
-                        scale,
-                    )
-                )
+                found.append(_edge(tid, entry, node, index, None, scale))
             else:
                 missing.append(tid)
         else:
