@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
 from .compare import compare, summarize
-from .errors import OctavcalError, OctavcalWarning
+from .errors import LoadError, OctavcalError, OctavcalWarning
 from .evaluate import evaluate
 from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
 from .render import (
@@ -361,6 +361,12 @@ def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
 )
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(path_type=Path),
+    help="Labels (a tensor file, one per sample) when --data has no 'labels' entry.",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
 @click.option("--device")
 @click.option("--allow-pickle", is_flag=True)
@@ -378,6 +384,7 @@ def evaluate_command(
     num_batches: int,
     batch_size: int,
     seed: int,
+    labels_file: Path | None,
     out: Path | None,
     device: str | None,
     allow_pickle: bool,
@@ -409,6 +416,11 @@ def evaluate_command(
     else:
         raise click.UsageError("Give --scales, or --calib-data with --bits.")
     held = load_data(data)
+    if labels_file is not None:
+        labels = load_data(labels_file)
+        held.labels = labels.args[0] if labels.args else next(iter(labels.kwargs.values()), labels.labels)
+        if held.labels is None or held.labels.shape[0] != held.num_samples:
+            raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{data}'.")
     order = torch.arange(held.num_samples).split(batch_size)
     with progress_bar(quiet or as_json) as progress:
         rows = evaluate(loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress)

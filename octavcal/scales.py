@@ -61,6 +61,10 @@ class TargetScales:
     def grid(self, convention: str = "runtime") -> Grid:
         return Grid(self.bits, self.signed, convention)  # type: ignore[arg-type]
 
+    def scale(self, method: str, convention: str = "runtime") -> torch.Tensor:
+        """The quantization step of ``method``'s amax on this target's grid: amax / qmax."""
+        return self.methods[method].scale(self.grid(convention))
+
     def describe(self, convention: str) -> dict[str, Any]:
         grid = self.grid(convention)
         return {

@@ -196,7 +196,9 @@ def test_bit_rules_apply_to_targets_first_seen_in_later_batches():
     batches = [octavcal.loading.Batch((torch.randn(2, 4),)), octavcal.loading.Batch((torch.randn(3, 4),))]
     table = calibrate(Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", 4),)))
     assert table.targets["b:input"].bits == 4 and table.targets["b:weight"].bits == 4
-    skipped = calibrate(Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", None),)))
+    skipped = calibrate(
+        Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", None),))
+    )
     assert "b:input" not in skipped.targets and "b:input" in skipped.meta["skipped"]
 
 
@@ -216,8 +218,11 @@ def test_padding_mask_is_not_applied_along_heads():
     x = torch.randn(2, 4, 8)
     x[0, 2:] *= 100  # padded tokens with huge values
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
-    table = calibrate(HeadsEqualTokens(), [octavcal.loading.Batch((), {"x": x, "attention_mask": mask})],
-                      CalibrationConfig(methods=("max",)))
+    table = calibrate(
+        HeadsEqualTokens(),
+        [octavcal.loading.Batch((), {"x": x, "attention_mask": mask})],
+        CalibrationConfig(methods=("max",)),
+    )
     assert table.targets["q:input"].masked
     valid = x[mask.bool()]
     assert table.targets["q:input"].methods["max"].amax.item() == pytest.approx(valid.abs().max().item())

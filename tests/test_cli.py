@@ -260,6 +260,24 @@ def test_evaluate_and_export_commands(tmp_path, cnn_paths):
     assert {(r["method"], r["bits"]) for r in rows} == {("octav", 8), ("max", 8)}
     assert all(r["accuracy"] is not None and r["agreement"] > 0.9 for r in rows)
     assert (tmp_path / "ev" / "fidelity.png").exists()
+    from safetensors.torch import load_file
+
+    heldout = load_file(str(cnn_paths["heldout"]))
+    save_file({"x": heldout["x"]}, tmp_path / "x.safetensors")
+    save_file({"y": heldout["labels"]}, tmp_path / "y.safetensors")
+    result = run(
+        "evaluate",
+        cnn_paths["model"],
+        *base,
+        "--data",
+        tmp_path / "x.safetensors",
+        "--labels",
+        tmp_path / "y.safetensors",
+        "--scales",
+        scales,
+        "--json",
+    )
+    assert result.exit_code == 0 and all(r["accuracy"] is not None for r in json.loads(result.stdout))
     out = tmp_path / "m.qdq.onnx"
     result = run(
         "export",

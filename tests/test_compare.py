@@ -135,12 +135,12 @@ def test_report_files_are_complete_and_self_contained(tmp_path, transformer_path
     assert "http" not in paths["html"].read_text()  # nothing to fetch: opens offline
 
 
-def test_report_html_opens_in_headless_chromium(tmp_path, cnn_paths):
+def test_report_html_opens_in_headless_chromium(tmp_path, transformer_paths):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (README: the documented browser check)")
-    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
-    calib, held, *_ = sources(cnn_paths, count=2, held=1)
+    loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
+    calib, held, *_ = sources(transformer_paths, count=2, held=1)
     paths = write_report(compare(loaded, calib, held, CalibrationConfig(methods=("octav",)), [4]), tmp_path)
     out = subprocess.run(
         [

@@ -154,7 +154,9 @@ def test_paper_grid_at_8_bits_does_not_fit_an_int8_container(tmp_path, cnn_paths
     loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
     data = load_data(cnn_paths["data"])
     batches = [data.batch(i) for i in plan_batches(data.num_samples, 16, 2, 0)]
-    table = octavcal.calibrate(loaded, batches, CalibrationConfig(bits=8, methods=("max",), convention="paper"))
+    table = octavcal.calibrate(
+        loaded, batches, CalibrationConfig(bits=8, methods=("max",), convention="paper")
+    )
     with pytest.raises(SpecError, match="uses integers up to 256 .*more than an 8-bit container holds"):
         export_qdq(loaded, table, "max", batches[0], tmp_path / "m.onnx")
 
