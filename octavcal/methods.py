@@ -270,12 +270,12 @@ def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
 
     With the m non-zero values sorted descending and k of them above s, the map is constant,
     S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the value that lands in its own
-    interval, or the data point where h jumps over zero. Only the top quarter is sorted first (the
-    root lies in the tail); the whole sample when it is not there.
+    interval, or the data point where h jumps over zero. Only the top 1/16, then the top quarter, is
+    sorted first (the root lies in the tail); the whole sample when it is not there.
     """
     nonzero = mags[mags > 0]
     m = nonzero.size
-    for top in (max(64, m // 4), m):
+    for top in (max(64, m // 16), max(64, m // 4), m):
         top = min(top, m)
         v = np.sort(np.partition(nonzero, m - top)[m - top :])[::-1]  # the top values, descending
         k = np.arange(top, dtype=np.float64)
