@@ -66,6 +66,10 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+DEVICE_HELP = "cpu or cuda [default: cuda when available]."
+PICKLE_HELP = "Load a pickled nn.Module (runs code from the file: trusted files only)."
+ARCH_HELP = "package.module:callable (or file.py:callable) that builds the module for a state_dict."
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -85,9 +89,7 @@ def main() -> None:
 @click.option(
     "--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable."
 )
-@click.option(
-    "--arch", help="package.module:callable (or file.py:callable) that builds the module for a state_dict."
-)
+@click.option("--arch", help=ARCH_HELP)
 @click.option("--bits", default=8, show_default=True, type=int, help="Bit width for every target.")
 @click.option(
     "--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern."
@@ -117,11 +119,7 @@ def main() -> None:
 )
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Load a pickled nn.Module (runs code from the file: trusted files only).",
-)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 @friendly_errors
@@ -234,7 +232,7 @@ def _batch_sources(
 @main.command("compare")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Calibration data, as for calibrate.")
-@click.option("--arch", help="package.module:callable that builds the module for a state_dict.")
+@click.option("--arch", help=ARCH_HELP)
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option(
     "--bits", "bits_list", default="4", show_default=True, help="One or more bit widths: 4 or 4,5,6,7,8."
@@ -256,9 +254,9 @@ def _batch_sources(
 @click.option("--keep-padding", is_flag=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
-@click.option("--device")
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--device", help=DEVICE_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
 @friendly_errors
 def compare_command(
@@ -354,7 +352,7 @@ def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
 )
 @click.option("--calib-data", help="Calibrate on this data instead of reading --scales (with --bits).")
 @click.option("--bits", "bits_list", default="4,6,8", show_default=True, help="Bit widths with --calib-data.")
-@click.option("--arch")
+@click.option("--arch", help=ARCH_HELP)
 @click.option("--methods", help="Methods to evaluate [default: all in each scale file].")
 @click.option(
     "--batches", "num_batches", default=10, show_default=True, type=int, help="Calibration batches."
@@ -368,10 +366,10 @@ def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
     help="Labels (a tensor file, one per sample) when --data has no 'labels' entry.",
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
-@click.option("--device")
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--quiet", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--device", help=DEVICE_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
 @friendly_errors
 def evaluate_command(
     model: Path,
@@ -446,9 +444,9 @@ def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--data", required=True, help="Example inputs for tracing (the first batch is used)."
             ),
-            click.option("--arch"),
+            click.option("--arch", help=ARCH_HELP),
             click.option("--batch-size", default=2, show_default=True, type=int),
-            click.option("--allow-pickle", is_flag=True),
+            click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
             click.option("-o", "--output", required=True, type=click.Path(path_type=Path)),
         ]
     ):
