@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
 from .compare import compare, summarize
-from .errors import LoadError, OctavcalError, OctavcalWarning
+from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
 from .evaluate import evaluate
 from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
 from .render import (
@@ -51,6 +51,10 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OctavcalError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:  # an output that cannot be written, a file that cannot be read
+            where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+            click.echo(f"Error: Cannot use{where}: {exc.strerror or exc}.", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted; no output was written.", err=True)
             sys.exit(130)
@@ -61,9 +65,22 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise OctavcalError(f"Unknown device '{device}'. Expected cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OctavcalError(f"Device '{device}' was asked for, but CUDA is not available here.")
     return device
+
+
+def parse_bits_list(text: str) -> list[int]:
+    """'4' or '4,5,6' -> [4, 5, 6]; anything else is a usage error."""
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        bits = []
+    if not bits:
+        raise click.BadParameter(f"expected bit widths like 4 or 4,5,6: got {text!r}", param_hint="--bits")
+    return bits
 
 
 DEVICE_HELP = "cpu or cuda [default: cuda when available]."
@@ -173,7 +190,7 @@ def calibrate_command(
         tensors = load_data(data)
         source = (tensors.batch(i) for i in plan_batches(tensors.num_samples, batch_size, num_batches, seed))
     batches = (b.to(dev, cast) for b in source)  # made one at a time, as calibration pulls them
-    output = output or model.with_name(model.name.split(".")[0] + ".scales.safetensors")
+    output = output or model.with_name(model.stem + ".scales.safetensors")
     with progress_bar(quiet or as_json) as progress:
         table = calibrate(loaded, batches, config, seed=seed, progress=progress, total_batches=num_batches)
     if loaded.note:
@@ -208,6 +225,13 @@ def _batch_sources(
         def held_callable() -> Any:
             return moved(batches_from_callable(heldout_data or data, heldout_batches, seed))
 
+        if not heldout_data and heldout_batches:
+            warnings.warn(
+                "A data callable gives no held-out batches of its own; held-out columns stay empty "
+                "unless held-out data is given.",
+                OctavcalWarning,
+                stacklevel=2,
+            )
         return calib, held_callable if heldout_data else None
     tensors = load_data(data)
     plan = plan_batches(tensors.num_samples, batch_size, num_batches, seed)
@@ -290,12 +314,9 @@ def compare_command(
           --data sample_models/digits_transformer.calib.safetensors \\
           --methods octav,sweep,p99.99 --bits 4,8 --out report
     """
-    try:
-        bits = [int(b) for b in bits_list.split(",") if b.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"expected bit widths like 4 or 4,5,6: got {bits_list!r}", param_hint="--bits"
-        ) from exc
+    bits = parse_bits_list(bits_list)
+    if curve_points < 2:
+        raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
     config = CalibrationConfig(
         bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
     )
@@ -402,11 +423,13 @@ def evaluate_command(
     method_list = methods.split(",") if methods else None
     if scale_files:
         tables = [load_scales(p) for p in scale_files]
+        names = [str(p) for p in scale_files]
         for path, table in zip(scale_files, tables, strict=True):
             check_fingerprint(table, loaded.module, path)
     elif calib_data:
-        tables = []
-        for bits in [int(b) for b in bits_list.split(",") if b.strip()]:
+        tables, names = [], []
+        for bits in parse_bits_list(bits_list):
+            names.append(f"calibrated at {bits} bits")
             config = CalibrationConfig(bits=bits, methods=tuple(method_list or DEFAULT_METHODS))
             calib, _ = _batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)
             with progress_bar(quiet or as_json) as progress:
@@ -421,7 +444,9 @@ def evaluate_command(
             raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{data}'.")
     order = torch.arange(held.num_samples).split(batch_size)
     with progress_bar(quiet or as_json) as progress:
-        rows = evaluate(loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress)
+        rows = evaluate(
+            loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress, names
+        )
     if out is not None:
         write_evaluation(rows, out)
     if as_json:
@@ -521,8 +546,17 @@ def export_trt_command(
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
     table = load_scales(scales)
     onnx_path = onnx_path or output.with_suffix(".onnx")
+    if onnx_path.resolve() == output.resolve():
+        raise click.BadParameter(
+            "the cache and the float ONNX model need different paths", param_hint="--onnx"
+        )
     mapping = export_float(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), onnx_path)
     text, skipped = calibration_cache(table, method, mapping)
+    if len(text.splitlines()) < 2:
+        raise OctavcalError(
+            f"No target of '{scales}' belongs in a TensorRT cache (8-bit activations): "
+            f"{'; '.join(skipped[:3]) or 'no activations'}."
+        )
     write_text_atomic(output, text)
     for reason in skipped:
         click.echo(f"Warning: left out of the cache: {reason}", err=True)
@@ -542,6 +576,8 @@ def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
       octavcal inspect sample_models/digits_cnn.scales.safetensors --method octav
     """
     table = load_scales(scales)
+    if method is not None and method not in table.methods:
+        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
     if as_json:
         click.echo(json.dumps(scales_summary(table, scales, full=True, method=method), indent=2))
     else:

@@ -38,14 +38,17 @@ class MethodRow:
     heldout: ErrorStats
     seconds: float  # per call (per tensor), Appendix F's timer
     calls: int
+    target_bits: int = 0  # the target's own width when it differs from the run's (first/last, --layer-bits)
 
     @property
     def mse(self) -> float:
         return self.calib.sse / max(self.calib.values, 1)
 
     @property
-    def heldout_mse(self) -> float:
-        return self.heldout.sse / max(self.heldout.values, 1)
+    def heldout_mse(self) -> float | None:
+        return (
+            self.heldout.sse / self.heldout.values if self.heldout.values else None
+        )  # None: no held-out data
 
 
 @dataclass
@@ -102,7 +105,7 @@ class _Evaluator:
                 s = error_stats(
                     x,
                     result.amax,
-                    bits,
+                    entry.bits,  # a target's own width (first/last layers, --layer-bits)
                     signed=entry.signed,
                     axis=entry.axis,
                     convention=table.convention,  # type: ignore[arg-type]
@@ -208,6 +211,7 @@ def _assemble(
                         ev.stats.get((tid, b, name, "heldout"), EMPTY_STATS),
                         result.seconds / calls,
                         calls,
+                        target_bits=entry.bits,
                     )
                 )
             if (tid, b) in ev.curves:

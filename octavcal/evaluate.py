@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .collect import capture_activations
 from .errors import CalibrationError
 from .loading import Batch, LoadedModel
 from .scales import ScaleTable
@@ -19,6 +20,7 @@ from .simulate import apply_scales
 class Fidelity:
     method: str
     bits: int
+    scales: str  # which scale file (or calibration) the row comes from
     samples: int
     accuracy: float | None  # top-1 against labels, when the data has labels
     float_accuracy: float | None
@@ -48,27 +50,32 @@ def evaluate(
     batches: Callable[[], Iterable[Batch]],
     methods: list[str] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    names: list[str] | None = None,
 ) -> list[Fidelity]:
-    """Run the float model and each (scale file, method) simulation on ``batches``; compare outputs."""
+    """Run the float model and each (scale file, method) simulation on ``batches``; compare outputs.
+
+    ``names`` label the tables in the results (default: their position).
+    """
+    names = names or [str(i) for i in range(len(tables))]
     sims = []
-    for table in tables:
+    for name, table in zip(names, tables, strict=True):
         bits = int(table.meta.get("bits", 0))
         for method in methods or table.methods:
-            sims.append((method, bits, apply_scales(model, table, method)))
-    acc: dict[tuple[str, int], dict[str, float]] = {(m, b): {} for m, b, _ in sims}
+            sims.append((method, bits, name, apply_scales(model, table, method)))
+    acc: dict[tuple[str, int, str], dict[str, float]] = {(m, b, n): {} for m, b, n, _ in sims}
     float_correct = labelled = samples = 0
-    with torch.no_grad():
+    with torch.no_grad(), capture_activations(model, lambda target, x: None) as float_run:
         for i, batch in enumerate(batches()):
-            ref = _output(model.module(*batch.args, **batch.kwargs)).float()
+            ref = _output(float_run(batch)).float()
             n = ref.shape[0]
             samples += n
             classes = ref.dim() == 2 and ref.shape[1] > 1
             if batch.labels is not None and classes:
                 labelled += n
                 float_correct += int((ref.argmax(1) == batch.labels.to(ref.device)).sum())
-            for method, bits, sim in sims:
+            for method, bits, name, sim in sims:
                 out = _output(sim(*batch.args, **batch.kwargs)).float()
-                a = acc[(method, bits)]
+                a = acc[(method, bits, name)]
                 flat_ref, flat_out = ref.reshape(n, -1), out.reshape(n, -1)
                 a["cos"] = a.get("cos", 0.0) + float(
                     torch.nn.functional.cosine_similarity(flat_out, flat_ref).sum()
@@ -87,12 +94,13 @@ def evaluate(
     if not samples:
         raise CalibrationError("No evaluation batches were given.")
     rows = []
-    for (method, bits), a in acc.items():
+    for (method, bits, name), a in acc.items():
         sqnr = 10 * math.log10(a["energy"] / a["sse"]) if a["sse"] > 0 else math.inf
         rows.append(
             Fidelity(
                 method,
                 bits,
+                name,
                 samples,
                 a["correct"] / labelled if labelled and "correct" in a else None,
                 float_correct / labelled if labelled else None,

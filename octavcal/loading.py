@@ -92,8 +92,7 @@ def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the working directory's packages
+            _cwd_importable()
             module = importlib.import_module(target)
     except LoadError:
         raise
@@ -105,6 +104,12 @@ def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any
     if not callable(fn):
         raise LoadError(f"The {what} {spec!r}: module {target!r} has no callable named {name!r}.")
     return fn  # type: ignore[no-any-return]
+
+
+def _cwd_importable() -> None:
+    """Like `python -m`: packages in the working directory can be imported (user code, on request)."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +191,19 @@ def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> Loaded
                 "its source, by allowing pickles; or save a state_dict, a torch.export program or "
                 "TorchScript instead."
             ) from exc
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise LoadError(f"Model file '{path}' is not a PyTorch checkpoint: {exc}.") from exc
+        _cwd_importable()  # a pickled module refers to its classes by import path, as `python -m` sees them
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise LoadError(
+                f"Model file '{path}' could not be unpickled: {type(exc).__name__}: {exc}."
+            ) from exc
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(
+            f"Model file '{path}' is not a PyTorch checkpoint: {type(exc).__name__}: {exc}."
+        ) from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", path)
     if isinstance(obj, dict):

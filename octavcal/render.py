@@ -243,12 +243,24 @@ def _num(v: Any) -> str:
 def render_evaluation(rows: list[Any]) -> None:
     """`evaluate`: one row per method and bit width."""
     tbl = Table(title="Simulated quantized model vs float model on held-out data")
-    for col in ("method", "bits", "top-1", "float top-1", "agreement", "cosine", "MSE", "SQNR dB"):
-        tbl.add_column(col, justify="left" if col == "method" else "right")
-    for r in sorted(rows, key=lambda r: (r.bits, r.method)):
+    several = len({r.scales for r in rows}) > len({r.bits for r in rows})
+    for col in (
+        "method",
+        "bits",
+        *(["scales"] if several else []),
+        "top-1",
+        "float top-1",
+        "agreement",
+        "cosine",
+        "MSE",
+        "SQNR dB",
+    ):
+        tbl.add_column(col, justify="left" if col in ("method", "scales") else "right")
+    for r in sorted(rows, key=lambda r: (r.bits, r.scales, r.method)):
         tbl.add_row(
             r.method,
             str(r.bits),
+            *([r.scales] if several else []),
             _num(r.accuracy),
             _num(r.float_accuracy),
             _num(r.agreement),

@@ -16,6 +16,7 @@ from .metrics import sqnr_db
 
 CSV_COLUMNS = [
     "target",
+    "target_bits",
     "kind",
     "op",
     "signed",
@@ -42,6 +43,7 @@ def target_rows(report: ComparisonReport) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "target": rep.target,
+                    "target_bits": r.target_bits,
                     "kind": rep.kind,
                     "op": rep.op,
                     "signed": rep.signed,
@@ -53,7 +55,7 @@ def target_rows(report: ComparisonReport) -> list[dict[str, Any]]:
                     "heldout_mse": r.heldout_mse,
                     "relative_mse": rep.relative_mse(r),
                     "sqnr_db": sqnr_db(r.calib),
-                    "heldout_sqnr_db": sqnr_db(r.heldout),
+                    "heldout_sqnr_db": sqnr_db(r.heldout) if r.heldout.values else None,
                     "clipped_fraction": r.calib.clipped / max(r.calib.values, 1),
                     "zeroed_fraction": r.calib.zeroed / max(r.calib.values, 1),
                     "seconds_per_call": r.seconds,

@@ -143,6 +143,7 @@ def save_scales(table: ScaleTable, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -152,6 +153,12 @@ def save_scales(table: ScaleTable, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_scales(path: str | Path) -> ScaleTable:
@@ -181,6 +188,18 @@ def load_scales(path: str | Path) -> ScaleTable:
             f"Scale file '{path}' has format version {version}; this octavcal reads up to {FORMAT_VERSION}. "
             "Upgrade octavcal."
         )
+    try:
+        targets = _targets_from(meta, tensors, path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ScaleFileError(
+            f"Scale file '{path}' has malformed target metadata: missing or wrong {exc}."
+        ) from exc
+    return ScaleTable(targets, meta)
+
+
+def _targets_from(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+) -> dict[str, TargetScales]:
     targets: dict[str, TargetScales] = {}
     for tid, d in meta.pop("targets", {}).items():
         methods = {}
@@ -203,7 +222,7 @@ def load_scales(path: str | Path) -> ScaleTable:
             masked=d["masked"],
             shared_with=d["shared_with"],
         )
-    return ScaleTable(targets, meta)
+    return targets
 
 
 def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path) -> None:

@@ -333,3 +333,183 @@ def test_python_dash_m_runs_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "octavcal", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("octavcal, version ")
+
+
+def test_review_regressions_cli(tmp_path, cnn_paths):
+    base = ["--arch", cnn_paths["arch"]]
+    # A dotted model name keeps its whole stem: two versions never overwrite each other's scales.
+    for version in ("v1", "v2"):
+        (tmp_path / f"cnn.{version}.safetensors").write_bytes(cnn_paths["model"].read_bytes())
+        assert (
+            run(
+                "calibrate",
+                tmp_path / f"cnn.{version}.safetensors",
+                *base,
+                "--data",
+                cnn_paths["data"],
+                "--methods",
+                "max",
+                "--batches",
+                "1",
+                "--quiet",
+            ).exit_code
+            == 0
+        )
+    assert (tmp_path / "cnn.v1.scales.safetensors").exists() and (
+        tmp_path / "cnn.v2.scales.safetensors"
+    ).exists()
+    # Files are readable by others, as any file the user writes (mkstemp's 0600 must not survive).
+    import os
+
+    mode = (tmp_path / "cnn.v1.scales.safetensors").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    # An output that cannot be written is one error line.
+    (tmp_path / "adir").mkdir()
+    result = run(
+        "calibrate",
+        cnn_paths["model"],
+        *base,
+        "--data",
+        cnn_paths["data"],
+        "--methods",
+        "max",
+        "--batches",
+        "1",
+        "-o",
+        tmp_path / "adir",
+    )
+    assert (
+        result.exit_code == 1
+        and result.stderr.startswith("Error: Cannot use")
+        and "Traceback" not in result.output
+    )
+    result = run("calibrate", cnn_paths["model"], *base, "--data", cnn_paths["data"], "--device", "tpu")
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == "Error: Unknown device 'tpu'. Expected cpu, cuda or cuda:N."
+    )
+    result = CliRunner().invoke(
+        main, ["compare", str(cnn_paths["model"]), "--data", str(cnn_paths["data"]), "--bits", ""]
+    )
+    assert result.exit_code == 2 and "expected bit widths" in result.output
+    scales = tmp_path / "cnn.v1.scales.safetensors"
+    result = run("inspect", scales, "--method", "octav")
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == "Error: The scale file has no method 'octav'. It has: max."
+    )
+    # Data that does not fit the model fails export with one line.
+    save_file({"x": torch.rand(8, 3, 8, 8)}, tmp_path / "bad.safetensors")
+    result = run(
+        "export",
+        "onnx",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        scales,
+        "--data",
+        tmp_path / "bad.safetensors",
+        "-o",
+        tmp_path / "m.onnx",
+        "--method",
+        "max",
+    )
+    assert result.exit_code == 1 and result.stderr.startswith("Error: Exporting the model to ONNX failed")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_trt_cache_refuses_clashing_paths_and_empty_caches(tmp_path, cnn_paths):
+    base = ["--arch", cnn_paths["arch"]]
+    s4 = tmp_path / "s4.safetensors"
+    assert (
+        run(
+            "calibrate",
+            cnn_paths["model"],
+            *base,
+            "--data",
+            cnn_paths["data"],
+            "--bits",
+            "4",
+            "--methods",
+            "max",
+            "--batches",
+            "1",
+            "-o",
+            s4,
+            "--quiet",
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "export",
+        "trt-cache",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        s4,
+        "--method",
+        "max",
+        "--data",
+        cnn_paths["data"],
+        "-o",
+        tmp_path / "c.cache",
+    )
+    assert result.exit_code == 1 and "belongs in a TensorRT cache" in result.stderr
+    assert not (tmp_path / "c.cache").exists()
+    result = run(
+        "export",
+        "trt-cache",
+        cnn_paths["model"],
+        *base,
+        "--scales",
+        s4,
+        "--method",
+        "max",
+        "--data",
+        cnn_paths["data"],
+        "-o",
+        tmp_path / "same.onnx",
+    )
+    assert result.exit_code == 2 and "different paths" in result.output
+
+
+def test_evaluate_keeps_scale_files_apart(tmp_path, cnn_paths):
+    base = ["--arch", cnn_paths["arch"]]
+    files = []
+    for name, extra in (("a", []), ("b", ["--first-last-8bit"])):
+        files.append(tmp_path / f"{name}.safetensors")
+        assert (
+            run(
+                "calibrate",
+                cnn_paths["model"],
+                *base,
+                "--data",
+                cnn_paths["data"],
+                "--bits",
+                "4",
+                "--methods",
+                "octav",
+                "-o",
+                files[-1],
+                "--quiet",
+                *extra,
+            ).exit_code
+            == 0
+        )
+    result = run(
+        "evaluate",
+        cnn_paths["model"],
+        *base,
+        "--data",
+        cnn_paths["heldout"],
+        "--scales",
+        files[0],
+        "--scales",
+        files[1],
+        "--json",
+    )
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and {r["scales"] for r in rows} == {str(f) for f in files}
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1 and r["cosine"] <= 1 + 1e-6 for r in rows)

@@ -161,3 +161,18 @@ def test_report_html_opens_in_headless_chromium(tmp_path, transformer_paths):
         timeout=120,
     )
     assert out.returncode == 0 and "octavcal comparison" in out.stdout and "<img" in out.stdout
+
+
+def test_compare_from_a_scale_file_uses_each_targets_bits(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    calib, _, data, plan, _ = sources(cnn_paths)
+    batches = [data.batch(i) for i in plan]
+    table = octavcal.calibrate(
+        loaded, batches, CalibrationConfig(bits=4, methods=("octav",), first_last_bits=8)
+    )
+    report = compare(loaded, calib, None, CalibrationConfig(methods=("octav",)), [4], tables={4: table})
+    row = report.targets["conv1:input"].rows[0]
+    assert row.target_bits == 8 and row.heldout_mse is None  # no held-out data: no held-out numbers
+    x = torch.cat([b.kwargs["x"] for b in batches])
+    mse, _ = float64_mse_and_sqnr([x], row.amax[0], 255, signed=False)  # conv1's input at 8 bits, unsigned
+    assert row.mse == pytest.approx(mse, rel=1e-9)

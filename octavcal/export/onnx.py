@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ScaleFileError, SpecError
+from ..errors import LoadError, ScaleFileError, SpecError
 from ..loading import Batch, LoadedModel
-from ..scales import ScaleTable, TargetScales, check_fingerprint
+from ..scales import ScaleTable, TargetScales, _umask, check_fingerprint
 
 OPSET = 17
 _LAYER_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
@@ -58,6 +58,12 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
     example: tuple[Any, ...] = (*batch.args, kwargs) if kwargs else tuple(batch.args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        _export_checked(module, example, path, names)
+    return names
+
+
+def _export_checked(module: torch.nn.Module, example: tuple[Any, ...], path: Path, names: list[str]) -> None:
+    try:
         torch.onnx.export(
             module,
             example,
@@ -68,7 +74,11 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
             output_names=["output"],
             dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
         )
-    return names
+    except Exception as exc:
+        raise LoadError(
+            f"Exporting the model to ONNX failed on the example batch: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else exc}."
+        ) from exc
 
 
 def _scope(node_name: str) -> str:
@@ -310,6 +320,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
