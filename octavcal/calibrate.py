@@ -303,6 +303,12 @@ def calibrate(
         if progress:
             progress("weights", i + 1, len(weights))
 
+    seen = [*calibrator.acc, *calibrator.skipped, *(t.id for t, _, _ in weights)]
+    for pattern, _ in config.layer_bits:
+        if not any(
+            fnmatch.fnmatchcase(t, pattern) or fnmatch.fnmatchcase(t.split(":")[0], pattern) for t in seen
+        ):
+            warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
     meta = {
         "octavcal_version": __version__,
         "grid": {

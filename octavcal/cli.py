@@ -22,6 +22,7 @@ from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_laye
 from .compare import compare, summarize
 from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
 from .evaluate import evaluate
+from .files import atomic_write
 from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
 from .render import (
     console,
@@ -32,7 +33,7 @@ from .render import (
     render_scales,
     scales_summary,
 )
-from .report import write_evaluation, write_report, write_text_atomic
+from .report import write_evaluation, write_report
 from .scales import check_fingerprint, load_scales, save_scales
 
 
@@ -507,9 +508,10 @@ def export_onnx_command(
 
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
     table = load_scales(scales)
+    check_fingerprint(table, loaded.module, scales)
     mapping = export_qdq(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), output)
     overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
-    overrides.write_text(json.dumps(ort_overrides(table, method, mapping), indent=1))
+    atomic_write(overrides, json.dumps(ort_overrides(table, method, mapping), indent=1))
     click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
 
 
@@ -545,6 +547,7 @@ def export_trt_command(
 
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
     table = load_scales(scales)
+    check_fingerprint(table, loaded.module, scales)
     onnx_path = onnx_path or output.with_suffix(".onnx")
     if onnx_path.resolve() == output.resolve():
         raise click.BadParameter(
@@ -557,7 +560,7 @@ def export_trt_command(
             f"No target of '{scales}' belongs in a TensorRT cache (8-bit activations): "
             f"{'; '.join(skipped[:3]) or 'no activations'}."
         )
-    write_text_atomic(output, text)
+    atomic_write(output, text)
     for reason in skipped:
         click.echo(f"Warning: left out of the cache: {reason}", err=True)
     click.echo(f"Wrote {output} ({len(text.splitlines()) - 1} tensors) for {onnx_path}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import ComparisonReport, summarize
+from .files import atomic_write
 from .metrics import sqnr_db
 
 CSV_COLUMNS = [
@@ -96,16 +97,17 @@ def write_report(
         "methods": report.methods,
         "meta": report.meta,
     }
-    paths["json"].write_text(json.dumps(_json_safe(doc), indent=1))
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write(paths["json"], json.dumps(_json_safe(doc), indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(paths["csv"], table.getvalue())
     images: dict[str, bytes] = _plots(report, summary, max_curve_plots) if plots else {}
     for name, png in images.items():
         paths[name] = out / f"{name}.png"
-        paths[name].write_bytes(png)
-    paths["html"].write_text(_html(report, summary, rows, images))
+        atomic_write(paths[name], png)
+    atomic_write(paths["html"], _html(report, summary, rows, images))
     return paths
 
 
@@ -245,12 +247,6 @@ def _html(
     )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    from .export.onnx import _atomic_write
-
-    _atomic_write(path, text.encode())
-
-
 def write_evaluation(rows: list[Any], out: Path) -> dict[str, Path]:
     """evaluation.json and fidelity.png (fidelity vs bits per method)."""
     import matplotlib
@@ -260,7 +256,7 @@ def write_evaluation(rows: list[Any], out: Path) -> dict[str, Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "evaluation.json", "png": out / "fidelity.png"}
-    paths["json"].write_text(json.dumps(_json_safe([r.as_dict() for r in rows]), indent=1))
+    atomic_write(paths["json"], json.dumps(_json_safe([r.as_dict() for r in rows]), indent=1))
     metric = "accuracy" if all(r.accuracy is not None for r in rows) else "cosine"
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method in dict.fromkeys(r.method for r in rows):
@@ -270,6 +266,8 @@ def write_evaluation(rows: list[Any], out: Path) -> dict[str, Path]:
         ax.axhline(rows[0].float_accuracy, color="k", ls="--", lw=1, label="float")
     ax.set(xlabel="bits", ylabel=metric, title=f"Simulated quantization: {metric} vs bits")
     ax.legend(fontsize=7)
-    fig.savefig(paths["png"], dpi=90, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
+    atomic_write(paths["png"], buf.getvalue())
     return paths

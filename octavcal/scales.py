@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ScaleFileError
+from .files import atomic_write
 from .grid import Grid
 
 FORMAT_NAME = "octavcal.scales"
@@ -140,25 +139,8 @@ def save_scales(table: ScaleTable, path: str | Path) -> Path:
     meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
     meta["targets"] = {tid: e.describe(table.convention) for tid, e in sorted(table.targets.items())}
     payload = save(tensors, metadata={"octavcal": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_scales(path: str | Path) -> ScaleTable:
@@ -225,12 +207,13 @@ def _targets_from(
     return targets
 
 
-def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path) -> None:
+def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path | None = None) -> None:
     """Refuse a scale file computed on other weights (README, "The scale file")."""
     expected = table.meta.get("model_fingerprint")
     if expected and expected != model_fingerprint(model):
+        what = f"Scale file '{path}'" if path is not None else "The scale table"
         raise ScaleFileError(
-            f"Scale file '{path}' was computed for other model weights (fingerprint {expected[:12]}..., "
+            f"{what} was computed for other model weights (fingerprint {expected[:12]}..., "
             f"this model {model_fingerprint(model)[:12]}...). Calibrate this model, "
             "or pass its own scale file."
         )

@@ -65,7 +65,7 @@ def apply_scales(model: nn.Module | LoadedModel, scales: ScaleTable, method: str
     module = model.module if isinstance(model, LoadedModel) else model
     if isinstance(module, torch.jit.ScriptModule):
         raise SpecError("TorchScript modules cannot be simulated (they refuse hooks); use torch.export.")
-    check_fingerprint(scales, module, "the given scales")
+    check_fingerprint(scales, module)
     if method not in scales.methods:
         raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(scales.methods)}.")
     return SimulatedModel(module, scales, method).eval()

@@ -227,3 +227,11 @@ def test_padding_mask_is_not_applied_along_heads():
     valid = x[mask.bool()]
     assert table.targets["q:input"].methods["max"].amax.item() == pytest.approx(valid.abs().max().item())
     assert not table.targets["<root>:matmul0.lhs"].masked  # (B, H, T, d): left as is, not cut along H
+
+
+def test_a_layer_bits_pattern_that_matches_nothing_warns(cnn_paths):
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    config = CalibrationConfig(methods=("max",), layer_bits=(("fc9*", 4), ("fc1", None)))
+    with pytest.warns(octavcal.OctavcalWarning, match="pattern 'fc9\\*' matched no target") as record:
+        calibrate(loaded, batches_of(cnn_paths, count=1), config)
+    assert not any("'fc1'" in str(w.message) for w in record)

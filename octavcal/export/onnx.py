@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import LoadError, ScaleFileError, SpecError
+from ..files import atomic_write
 from ..loading import Batch, LoadedModel
-from ..scales import ScaleTable, TargetScales, _umask, check_fingerprint
+from ..scales import ScaleTable, TargetScales, check_fingerprint
 
 OPSET = 17
 _LAYER_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
@@ -236,7 +236,7 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
 
 
 def _checked(model: LoadedModel, table: ScaleTable, method: str) -> None:
-    check_fingerprint(table, model.module, "the given scales")
+    check_fingerprint(table, model.module)
     if method not in table.methods:
         raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
 
@@ -278,7 +278,7 @@ def export_float(
     """Write the float ONNX model (for TensorRT with a calibration cache); returns the target mapping."""
     onnx_model, inputs = _float_graph(model, table, method, batch)
     mapping = _mapping(locate_targets(onnx_model.graph, table, method), table, method, inputs)
-    _atomic_write(Path(path), onnx_model.SerializeToString())
+    atomic_write(Path(path), onnx_model.SerializeToString())
     return mapping
 
 
@@ -294,8 +294,8 @@ def export_qdq(
     onnx.checker.check_model(onnx_model)
     mapping = _mapping(targets, table, method, inputs)
     path = Path(path)
-    _atomic_write(path, onnx_model.SerializeToString())
-    _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
+    atomic_write(path, onnx_model.SerializeToString())
+    atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
     return mapping
 
 
@@ -314,16 +314,3 @@ def ort_overrides(table: ScaleTable, method: str, mapping: dict[str, Any]) -> di
         else:
             out.setdefault(m["onnx_tensor"], [{"axis": m["axis"], "quant_type": qtype, "symmetric": True}])
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
