@@ -59,11 +59,12 @@ def _finish(
     All-zero slice -> AMAX_OF_ZEROS; a slice whose method answered 0 (say, a percentile that falls
     on zeros) -> its max, i.e. no clipping.
     """
-    fallback = torch.where(smax_rows > 0, smax_rows, torch.full_like(smax_rows, AMAX_OF_ZEROS))
-    amax_rows = torch.where(amax_rows > 0, amax_rows, fallback)
+    # A handful of values: NumPy on the host is cheaper than several tiny torch ops.
+    amax, smax = amax_rows.double().cpu().numpy(), smax_rows.double().cpu().numpy()
+    fixed = np.where(amax > 0, amax, np.where(smax > 0, smax, AMAX_OF_ZEROS))
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    amax_rows = amax_rows.to(out_dtype)
-    return amax_rows.reshape(()) if axis is None else amax_rows
+    result = torch.from_numpy(fixed).to(device=x.device, dtype=out_dtype)
+    return result.reshape(()) if axis is None else result
 
 
 # ---------------------------------------------------------------------------------------------
