@@ -86,7 +86,8 @@ def float64_octav(x: torch.Tensor, c: float, axis: int | None) -> np.ndarray:
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up, as Appendix F times steady state
+    for _ in range(3):  # warm-up (allocator, caches, CPU clock), as Appendix F times steady state
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
