@@ -442,7 +442,7 @@ def test_trt_cache_refuses_clashing_paths_and_empty_caches(tmp_path, cnn_paths):
         ).exit_code
         == 0
     )
-    result = run(
+    export = [
         "export",
         "trt-cache",
         cnn_paths["model"],
@@ -453,25 +453,11 @@ def test_trt_cache_refuses_clashing_paths_and_empty_caches(tmp_path, cnn_paths):
         "max",
         "--data",
         cnn_paths["data"],
-        "-o",
-        tmp_path / "c.cache",
-    )
+    ]
+    result = run(*export, "-o", tmp_path / "c.cache")
     assert result.exit_code == 1 and "belongs in a TensorRT cache" in result.stderr
     assert not (tmp_path / "c.cache").exists()
-    result = run(
-        "export",
-        "trt-cache",
-        cnn_paths["model"],
-        *base,
-        "--scales",
-        s4,
-        "--method",
-        "max",
-        "--data",
-        cnn_paths["data"],
-        "-o",
-        tmp_path / "same.onnx",
-    )
+    result = run(*export, "-o", tmp_path / "same.onnx")
     assert result.exit_code == 2 and "different paths" in result.output
 
 
