@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -29,6 +30,10 @@ _BLOCK = 1 << 21
 _SORT_BELOW = 1 << 14
 # Rows this long stop on OCTAV's contraction estimate; shorter ones when a step is below tol.
 _SMOOTH_ROW = 1 << 16
+# ... and measure the density of values near the root from evaluations this many values apart.
+_MIN_CROSSINGS = 16
+# Per-thread scratch buffers for OCTAV's passes (see _work_buffer).
+_scratch = threading.local()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +57,10 @@ def _magnitudes(x: torch.Tensor, signed: bool, axis: int | None) -> torch.Tensor
 
 
 def _finish(
-    amax_rows: torch.Tensor, smax_rows: torch.Tensor, axis: int | None, x: torch.Tensor
+    amax_rows: torch.Tensor | np.ndarray,
+    smax_rows: torch.Tensor | np.ndarray,
+    axis: int | None,
+    x: torch.Tensor,
 ) -> torch.Tensor:
     """Replace amax 0 (never a valid runtime scale) and shape the result [] or [C].
 
@@ -60,7 +68,9 @@ def _finish(
     on zeros) -> its max, i.e. no clipping.
     """
     # A handful of values: NumPy on the host is cheaper than several tiny torch ops.
-    amax, smax = amax_rows.double().cpu().numpy(), smax_rows.double().cpu().numpy()
+    amax, smax = (
+        a if isinstance(a, np.ndarray) else a.double().cpu().numpy() for a in (amax_rows, smax_rows)
+    )
     fixed = np.where(amax > 0, amax, np.where(smax > 0, smax, AMAX_OF_ZEROS))
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     result = torch.from_numpy(fixed).to(device=x.device, dtype=out_dtype)
@@ -76,90 +86,162 @@ class OctavResult(NamedTuple):
     iterations: torch.Tensor  # int64, same shape as amax
 
 
-def _work_buffer(x: torch.Tensor) -> torch.Tensor:
-    """One block-sized scratch buffer for rows ``x``, reused by every pass of a call."""
-    rows, n = x.shape
-    return torch.empty(min(rows, max(1, _BLOCK // n)), min(n, _BLOCK), dtype=x.dtype, device=x.device)
+def _work_buffer(x: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """``count`` block-sized scratch buffers for rows ``x``, (count, rows, cols), reused by every pass.
 
-
-def _magnitude_blocks(
-    x: torch.Tensor, signed: bool, work: torch.Tensor, rows: torch.Tensor | None = None
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield (positions, magnitudes) for cache-sized blocks of rows ``x`` (R, n), in ``work``.
-
-    Magnitudes are |x| (signed grid) or max(x, 0) (unsigned: negatives clip to 0 whatever s is).
-    ``rows`` picks a subset of rows; positions then index into that subset. Long rows come in
-    column blocks, so a position can repeat: callers accumulate.
+    On the CPU they are also reused across calls (one per thread and dtype, at most _BLOCK values
+    each): a fresh multi-MB allocation is returned to the OS when freed, and faulting its pages
+    back in cost more than the passes themselves (measured: 3 ms against 0.3 ms for a 2M-value
+    pass). CUDA's caching allocator already reuses memory.
     """
-    n = x.shape[1]
-    if rows is not None and n > work.shape[1]:
+    rows, n = x.shape
+    shape = (count, min(rows, max(1, _BLOCK // n)), min(n, _BLOCK))
+    size = shape[0] * shape[1] * shape[2]
+    if x.device.type != "cpu":
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(x.dtype)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[x.dtype] = torch.empty(size, dtype=x.dtype)
+    return buffer[:size].view(shape)
+
+
+def _row_blocks(
+    x: torch.Tensor, work: torch.Tensor, rows: torch.Tensor | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (positions, values) for cache-sized blocks of rows ``x`` (R, n): views of ``x``, or
+    the subset ``rows`` gathered into ``work[0]``.
+
+    Positions index into the subset when ``rows`` is given. Long rows come in column blocks, so a
+    position can repeat: callers accumulate.
+    """
+    n, width = x.shape[1], work.shape[2]
+    if rows is not None and n > width:
         x, rows = x.index_select(0, rows), None  # long rows: few of them, a copy is cheap
     count = x.shape[0] if rows is None else rows.numel()
-    if n > work.shape[1]:
+    if n > width:
         for r in range(count):
-            for c in range(0, n, work.shape[1]):
-                blk = x[r : r + 1, c : c + work.shape[1]]
-                out = work[:, : blk.shape[1]]
-                yield slice(r, r + 1), torch.abs(blk, out=out) if signed else torch.clamp(blk, min=0, out=out)
+            for c in range(0, n, width):
+                yield slice(r, r + 1), x[r : r + 1, c : c + width]
         return
-    step = work.shape[0]
+    step = work.shape[1]
     for r in range(0, count, step):
         if rows is None:
-            blk = x[r : r + step]
-            out = work[: blk.shape[0]]
-            mags = torch.abs(blk, out=out) if signed else torch.clamp(blk, min=0, out=out)
+            yield slice(r, min(r + step, count)), x[r : r + step]
         else:  # gather straight into the buffer: no allocation per iteration
             idx = rows[r : r + step]
-            mags = torch.index_select(x, 0, idx, out=work[: idx.numel()])
-            mags = mags.abs_() if signed else mags.clamp_(min=0)
-        yield slice(r, r + mags.shape[0]), mags
+            yield slice(r, r + idx.numel()), torch.index_select(x, 0, idx, out=work[0, : idx.numel()])
+
+
+def _magnitudes_of(block: torch.Tensor, signed: bool, work: torch.Tensor) -> torch.Tensor:
+    """|x| (signed grid) or max(x, 0) (unsigned: negatives clip to 0 whatever s is), in ``work[0]``."""
+    out = work[0, : block.shape[0], : block.shape[1]]
+    return torch.abs(block, out=out) if signed else torch.clamp(block, min=0, out=out)
+
+
+def _excess_of(block: torch.Tensor, signed: bool, s: np.ndarray, work: torch.Tensor) -> torch.Tensor:
+    """max(m - s, 0) for the magnitudes m of ``block`` (R', n') and thresholds s (R',), in a buffer.
+
+    Fewest passes: max(x - s, 0) on the unsigned grid (s > 0 makes the clamp to 0 redundant), and
+    |softshrink(x, s)| for one signed row; |x| - s, clamped, for signed channels.
+    """
+    # A block gathered into work[0] is ours to overwrite; a view of x is not.
+    owned = block.data_ptr() == work[0].data_ptr()
+    out = block if owned else work[1, : block.shape[0], : block.shape[1]]
+    if signed and block.shape[0] == 1:
+        return torch.ops.aten.softshrink.out(block, float(s[0]), out=out).abs_()
+    thresholds = torch.from_numpy(s[:, None]).to(block.device)
+    if not signed:
+        return torch.sub(block, thresholds, out=out).clamp_(min=0)
+    return torch.abs(block, out=out).sub_(thresholds).clamp_(min=0)
+
+
+def _count_positive(beyond: torch.Tensor, s: np.ndarray) -> torch.Tensor:
+    """Per row, how many entries of ``beyond = max(m - s, 0)`` are positive (overwrites it).
+
+    A positive m - s is at least the float spacing above s (the subtraction is exact near s), so
+    clamping to the smallest such spacing turns each into that power of two and the sum is the
+    count times it, exactly (counts stay far below 2^24): one pass cheaper than sign + sum.
+    """
+    floor = float(np.spacing(s).min())
+    if not floor >= np.finfo(s.dtype).tiny:  # subnormal spacings may be flushed to zero
+        return beyond.sign_().sum(dim=1)
+    return beyond.clamp_(max=floor).sum(dim=1) / floor
+
+
+def _in_work_precision(s: np.ndarray, work: torch.Tensor) -> np.ndarray:
+    """Thresholds rounded to the dtype the passes compute in, so host and device agree on them."""
+    return s.astype(np.float64 if work.dtype == torch.float64 else np.float32)
+
+
+def _host(partial: torch.Tensor) -> np.ndarray:
+    """A block's per-row partial result as float64 on the host, where the few values are added up:
+    NumPy adds on a handful of values cost a microsecond, torch's indexed adds several."""
+    return partial.double().cpu().numpy()
 
 
 class _Stats(NamedTuple):
-    smax: torch.Tensor  # (R,) largest magnitude
-    total: torch.Tensor  # (R,) sum of magnitudes
-    nnz: torch.Tensor  # (R,) count of non-zero magnitudes
+    smax: np.ndarray  # (R,) largest magnitude
+    total: np.ndarray  # (R,) sum of magnitudes
+    nnz: np.ndarray  # (R,) count of non-zero magnitudes
 
 
-def _magnitude_stats(x: torch.Tensor, signed: bool, work: torch.Tensor) -> _Stats:
-    """One blocked pass over rows ``x`` (R, n): max, sum and non-zero count of the magnitudes."""
-    smax = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    total, nnz = torch.zeros_like(smax), torch.zeros_like(smax)
-    for r, mags in _magnitude_blocks(x, signed, work):
-        smax[r] = torch.maximum(smax[r], mags.amax(dim=1).double())
-        total[r] += mags.sum(dim=1).double()
-        nnz[r] += mags.sign_().sum(dim=1).double()
-    return _Stats(smax, total, nnz)
+def _magnitude_stats(
+    x: torch.Tensor, signed: bool, work: torch.Tensor, s: np.ndarray | None = None
+) -> tuple[_Stats, tuple[np.ndarray, np.ndarray] | None]:
+    """One blocked pass over rows ``x`` (R, n): max, sum and non-zero count of the magnitudes.
+
+    With ``s`` (R,), the same pass also returns ``_excess_and_count`` at s, which saves re-reading
+    the tensor when a starting point is known before the statistics.
+    """
+    smax, total, nnz = np.zeros(x.shape[0]), np.zeros(x.shape[0]), np.zeros(x.shape[0])
+    excess, above = np.zeros(x.shape[0]), np.zeros(x.shape[0])
+    s_work = None if s is None else _in_work_precision(s, work)
+    for r, block in _row_blocks(x, work):
+        mags = _magnitudes_of(block, signed, work)
+        smax[r] = np.maximum(smax[r], _host(mags.amax(dim=1)))
+        total[r] += _host(mags.sum(dim=1))
+        # Dense data has no zeros: a min above 0 saves counting them (a sign pass and a sum).
+        if bool(mags.amin() > 0):
+            nnz[r] += mags.shape[1]
+        else:
+            nnz[r] += _host(torch.sign(mags, out=work[1, : mags.shape[0], : mags.shape[1]]).sum(dim=1))
+        if s_work is not None:  # the magnitudes are not needed any more: overwrite them
+            thresholds = torch.from_numpy(s_work[r, None]).to(mags.device)
+            beyond = mags.sub_(thresholds).clamp_(min=0)
+            excess[r] += _host(beyond.sum(dim=1))
+            above[r] += _host(_count_positive(beyond, s_work[r]))
+    return _Stats(smax, total, nnz), None if s is None else (excess, above)
 
 
 def _excess_and_count(
-    x: torch.Tensor, signed: bool, s: torch.Tensor, work: torch.Tensor, rows: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, signed: bool, s: np.ndarray, work: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row: E = sum(max(m - s, 0)) and N1 = #(m > s) for magnitudes m of rows ``x`` (R, n).
 
     (R, n), (R,) -> (R,), (R,), or for the subset ``rows`` only. S1 = E + s N1 then follows without
     cancellation. Clamp, sign and sum are vectorized kernels (masked selection and ``where`` cost
-    several times more on CPU); blocks stay in cache and their sums are accumulated in float64.
+    several times more on CPU); block sums are accumulated in float64.
     """
-    excess = torch.zeros_like(s)
-    count = torch.zeros_like(s)
-    s_work = s.to(work.dtype)
-    for r, mags in _magnitude_blocks(x, signed, work, rows):
-        mags.sub_(s_work[r, None]).clamp_(min=0)
-        excess[r] += mags.sum(dim=1).double()
-        count[r] += mags.sign_().sum(dim=1).double()
+    excess, count = np.zeros(s.size), np.zeros(s.size)
+    s_work = _in_work_precision(s, work)
+    for r, block in _row_blocks(x, work, rows):
+        beyond = _excess_of(block, signed, s_work[r], work)
+        excess[r] += _host(beyond.sum(dim=1))
+        count[r] += _host(_count_positive(beyond, s_work[r]))
     return excess, count
 
 
 def _smallest_above(
-    x: torch.Tensor, signed: bool, lo: torch.Tensor, work: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
+    x: torch.Tensor, signed: bool, lo: np.ndarray, work: torch.Tensor, rows: torch.Tensor
+) -> np.ndarray:
     """For the subset ``rows``: the smallest magnitude strictly above ``lo`` (inf if none)."""
-    best = torch.full_like(lo, math.inf)
-    lo_work = lo.to(work.dtype)
-    for r, mags in _magnitude_blocks(x, signed, work, rows):
+    best = np.full(lo.size, math.inf)
+    lo_work = torch.from_numpy(lo).to(device=x.device, dtype=work.dtype)
+    for r, block in _row_blocks(x, work, rows):
+        mags = _magnitudes_of(block, signed, work)
         mags = torch.where(mags > lo_work[r, None], mags, math.inf)
-        best[r] = torch.minimum(best[r], mags.amin(dim=1).double())
+        best[r] = np.minimum(best[r], _host(mags.amin(dim=1)))
     return best
 
 
@@ -167,62 +249,57 @@ def _octav_rows(
     x: torch.Tensor,
     signed: bool,
     c: float,
-    s0: torch.Tensor,
+    s0: np.ndarray,
     stats: _Stats,
     *,
     tol: float,
     max_iter: int,
     iterations: int | None,
     work: torch.Tensor,
-) -> OctavResult:
-    """Solve eq. (6) for every row of ``x`` (R, n) from initial guesses ``s`` (R,).
+    first: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solve eq. (6) for every row of ``x`` (R, n) from initial guesses ``s0`` (R,): (amax, iterations).
 
     With E(s) = sum(max(m - s, 0)) and N1, N0 the counts above s and in (0, s], the iterate of eq. (6)
     is s <- (E + s N1) / (c N0 + N1): the Newton step towards the root of h(s) = c s N0 - E, which
     increases strictly in s. So each evaluation also brackets the root, and an iterate that leaves
     the bracket (point masses, Appendix B) is replaced by bisection. ``iterations`` runs the literal
-    recursion that many times, unguarded, as the paper does.
+    recursion that many times, unguarded, as the paper does. ``first``: ``_excess_and_count`` at
+    ``s0``, when the caller already has it.
     """
     rows, n = x.shape
     # Per-row bookkeeping is a handful of length-R vectors: NumPy on the host does it in
     # microseconds, where each tiny torch op would cost more than a pass over a small tensor.
-    nnz, hi = stats.nnz.cpu().numpy(), stats.smax.cpu().numpy().copy()
+    nnz, hi = stats.nnz, stats.smax.copy()
     lo = np.zeros(rows)
     above_lo, above_hi = nnz.copy(), np.zeros(rows)  # N1 at the bracket's ends
-    map_lo, map_hi = stats.total.cpu().numpy() / np.maximum(nnz, 1), np.zeros(rows)  # eq. (6) there
+    map_lo, map_hi = stats.total / np.maximum(nnz, 1), np.zeros(rows)  # eq. (6) there
     done = nnz == 0
-    s = np.where(done, hi, s0.cpu().numpy())
+    s = np.where(done, hi, s0)
     counts = np.zeros(rows, dtype=np.int64)
-    prev_s, prev_above = np.full(rows, np.nan), np.full(rows, np.nan)
+    prev_s, prev_above, density = np.full(rows, np.nan), np.full(rows, np.nan), np.full(rows, np.nan)
     pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point
     # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
     smooth = n >= _SMOOTH_ROW
     with np.errstate(divide="ignore", invalid="ignore"):
-        for _ in range(iterations if iterations is not None else max_iter):
+        for iteration in range(iterations if iterations is not None else max_iter):
             active = np.flatnonzero(~done)
-            # Finished channels drop out: later iterations read only the few rows still moving.
-            subset = None if active.size == rows else torch.from_numpy(active).to(x.device)
-            excess, above = np.zeros(rows), np.zeros(rows)
-            sub_excess, sub_above = _excess_and_count(
-                x, signed, torch.from_numpy(s[active]).to(x.device), work, subset
-            )
-            excess[active], above[active] = sub_excess.cpu().numpy(), sub_above.cpu().numpy()
+            if first is not None and iteration == 0:
+                excess, above = first
+            else:
+                # Finished channels drop out: later iterations read only the few rows still moving.
+                subset = None if active.size == rows else torch.from_numpy(active).to(x.device)
+                sub_excess, sub_above = _excess_and_count(x, signed, s[active], work, subset)
+                excess, above = np.zeros(rows), np.zeros(rows)
+                excess[active], above[active] = sub_excess, sub_above
             inside_count = nnz - above
             newton = (excess + s * above) / np.where(done, 1.0, c * inside_count + above)
-            counts += ~done
+            counts[active] += 1
             if iterations is not None:
                 s = np.where(done, s, newton)
                 continue
             step = np.abs(newton - s)
-            # Near the root the map g has slope -c s f / D (f: values per unit of s, estimated from the
-            # last two evaluations and doubled for safety), and its error grows with f d^2 / (2 D) at a
-            # distance d ~ step. On long rows, stop once that estimate of g(s)'s error is within tol.
-            density = 2 * np.abs(above - prev_above) / np.abs(s - prev_s)
-            slope = c * inside_count + above
-            rho = c * s * density / slope
-            error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
-            estimated = smooth & np.isfinite(error) & (rho < 0.5) & (error <= tol * newton)
-            prev_s, prev_above = s, above
+            converged = step <= tol * newton
             below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
             upper = ~done & ~below
             lo, above_lo, map_lo = (
@@ -235,17 +312,38 @@ def _octav_rows(
                 np.where(upper, above, above_hi),
                 np.where(upper, newton, map_hi),
             )
-            # The estimate is trusted only for a value inside the bracket (not across a point mass).
-            converged = (step <= tol * newton) | (estimated & (newton >= lo) & (newton <= hi))
-            # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up from
-            # below and overshoots from above. Newton on log E(s) - log(c s N0), whose root is the same,
-            # follows tails closely; it is used while it stays inside the bracket. The map's own value
-            # still decides convergence, so the answer is the exact fixed point all the same.
-            log_step = (np.log(excess) - np.log(c * s * inside_count)) / (above / excess + 1 / s)
-            tail = s + log_step
-            use_tail = smooth & np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
+            use_tail = False
+            if smooth:
+                # Near the root the map g has slope -c s f / D (f: values per unit of s, estimated from
+                # the last two evaluations and doubled for safety), and its error grows with
+                # f d^2 / (2 D) at a distance d ~ step. Long rows stop once that estimate of g(s)'s
+                # error is within tol, trusted only inside the bracket (not across a point mass).
+                # f comes from the last pair of evaluations with enough values between them to
+                # measure it. The estimate also needs the map smooth at the scale of tol: one data
+                # point between s and the root moves it by up to (c s + step) / D.
+                crossed = np.abs(above - prev_above)
+                measured = crossed >= _MIN_CROSSINGS
+                density = np.where(measured, 2 * crossed / np.abs(s - prev_s), density)
+                slope = c * inside_count + above
+                rho = c * s * density / slope
+                error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
+                one_point = (c * s + step) / slope
+                estimated = (
+                    np.isfinite(error) & (rho < 0.5) & (one_point <= tol * newton) & (error <= tol * newton)
+                )
+                converged |= estimated & (newton >= lo) & (newton <= hi)
+                prev_s, prev_above = s, above
+                # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up
+                # from below and overshoots from above. Newton on log E(s) - log(c s N0), whose root
+                # is the same, follows tails closely; it is used while it stays inside the bracket.
+                # The map's own value still decides convergence: the answer is the same fixed point.
+                log_step = (np.log(excess) - np.log(c * s * inside_count)) / (above / excess + 1 / s)
+                tail = s + log_step
+                use_tail = np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
             inside = (newton > lo) & (newton < hi)
-            nxt = np.where(use_tail, tail, np.where(inside | converged, newton, 0.5 * (lo + hi)))
+            nxt = np.where(inside | converged, newton, 0.5 * (lo + hi))
+            if smooth:
+                nxt = np.where(use_tail, tail, nxt)
             # One data point v left in (lo, hi]: the map is constant on [lo, v) and on [v, hi], so the
             # root is its value on one side if that lands there, else h jumps over zero at v itself
             # (Appendix B's point of positive mass, where the recursion would cycle). Finish exactly.
@@ -261,9 +359,9 @@ def _octav_rows(
     if pending.any():
         which = np.flatnonzero(pending)
         idx = torch.from_numpy(which).to(x.device)
-        v = _smallest_above(x, signed, torch.from_numpy(lo[which]).to(x.device), work, idx).cpu().numpy()
+        v = _smallest_above(x, signed, lo[which], work, idx)
         s[which] = np.where(map_lo[which] < v, map_lo[which], np.where(map_hi[which] >= v, map_hi[which], v))
-    return OctavResult(torch.from_numpy(s).to(x.device), torch.from_numpy(counts).to(x.device))
+    return s, counts
 
 
 def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
@@ -271,14 +369,18 @@ def _sorted_fixed_point(mags: np.ndarray, c: float) -> float:
 
     With the m non-zero values sorted descending and k of them above s, the map is constant,
     S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the value that lands in its own
-    interval, or the data point where h jumps over zero. Only the top 1/16, then the top quarter, is
-    sorted first (the root lies in the tail); the whole sample when it is not there.
+    interval, or the data point where h jumps over zero. Only the values above twice the mean, then
+    above half of it, are sorted first (the root lies in the tail; a mask and a short sort cost less
+    than a partition); the whole sample when the root is not there.
     """
     nonzero = mags[mags > 0]
     m = nonzero.size
-    for top in (max(64, m // 16), max(64, m // 4), m):
-        top = min(top, m)
-        v = np.sort(np.partition(nonzero, m - top)[m - top :])[::-1]  # the top values, descending
+    mean = nonzero.mean() if m else 0.0
+    for floor in (2 * mean, mean / 2, 0.0):
+        v = np.sort(nonzero[nonzero >= floor])[::-1]  # the top values, descending
+        top = v.size
+        if top == 0:
+            continue
         k = np.arange(top, dtype=np.float64)
         tail_sums = np.concatenate([[0.0], np.cumsum(v)[:-1]])  # S_k: sum of the k values above
         root = tail_sums / (c * (m - k) + k)
@@ -326,17 +428,18 @@ def _octav_by_sorting(x: torch.Tensor, signed: bool, c: float) -> torch.Tensor:
     return torch.from_numpy(result).to(x.device)
 
 
-def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: torch.Tensor) -> torch.Tensor:
+def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray | None = None) -> np.ndarray:
     """Initial guesses from the exact fixed point on a strided subsample: n/128 values (4K-32K) of
-    one long row, 16K pooled values of channels.
+    one long row, 8K pooled values of channels.
 
-    Channels are pooled after dividing each by its mean magnitude (the paper's s_1): channels of
-    one tensor tend to share a shape, not a scale. Lands within a few percent of the answer.
+    Channels are pooled after dividing each by its mean magnitude ``mean`` (the paper's s_1):
+    channels of one tensor tend to share a shape, not a scale. One row needs no ``mean``: the fixed
+    point scales with the data. Lands within a few percent of the answer.
     """
     rows, n = x.shape
     # Larger tensors cost more per pass, so a larger (more accurate) sample pays for itself there.
     total = (
-        _WARM_START_SAMPLE // 2
+        _WARM_START_SAMPLE // 4
         if rows > 1
         else min(_WARM_START_SAMPLE, max(_WARM_START_SAMPLE // 8, n // 128))
     )
@@ -345,8 +448,10 @@ def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: torch.Tenso
     while step % 3 == 0:  # a stride coprime with 2 and 3 visits every feature of (tokens, features)
         step += 2
     sample = x[:, ::step]
-    mags = (sample.abs() if signed else sample.clamp(min=0)).double() / mean[:, None]
-    return _sorted_fixed_point(mags.reshape(-1).cpu().numpy(), c) * mean
+    mags = (sample.abs() if signed else sample.clamp(min=0)).double().cpu().numpy()
+    if mean is None:
+        return np.full(rows, _sorted_fixed_point(mags.reshape(-1), c))
+    return _sorted_fixed_point((mags / mean[:, None]).reshape(-1), c) * mean
 
 
 def octav(
@@ -368,7 +473,7 @@ def octav(
     noise term) with c = (step/amax)^2/12 of the grid: 1/(12 qmax^2) (``runtime``), 4^-B/3 signed or
     4^-B/12 unsigned (``paper``). Iterates until an update moves s by at most ``tol`` (relative);
     ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
-    (the paper's s_1); "auto" starts from OCTAV on a 16K-value subsample when the tensor is large; a
+    (the paper's s_1); "auto" starts from OCTAV on a strided subsample when the tensor is large; a
     number or a [C] tensor is used as given. With ``init="auto"`` and no ``iterations``, tensors of
     up to 16384 values are solved exactly by sorting instead (the iteration count is then 0).
     Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> with only the outlier
@@ -381,32 +486,52 @@ def octav(
         isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
     ):
         raise SpecError(f"iterations must be a positive integer or None: got {iterations!r}.")
+    if isinstance(init, str) and init not in ("auto", "paper"):
+        raise SpecError(f"init must be 'auto', 'paper' or a number: got {init!r}.")
     signed = resolve_signed(x, signed)
     c = Grid(bits, signed, convention).noise_coefficient
     rows = rows_from(x, axis)
-    work = _work_buffer(rows)
-    stats = _magnitude_stats(rows, signed, work)
-    check_finite(stats.smax, x, "Tensor passed to octav")
-    if init == "auto" and iterations is None and rows.numel() <= _SORT_BELOW:
+    auto = init == "auto" and iterations is None
+    if auto and rows.numel() <= _SORT_BELOW:
+        stats, _ = _magnitude_stats(rows, signed, _work_buffer(rows, 2))
+        check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
         amax = _finish(_octav_by_sorting(rows, signed, c), stats.smax, axis, x)
         if not return_iterations:
             return amax
         return OctavResult(amax, torch.zeros(amax.shape, dtype=torch.int64, device=amax.device))
-    if isinstance(init, str):
-        if init not in ("auto", "paper"):
-            raise SpecError(f"init must be 'auto', 'paper' or a number: got {init!r}.")
-        s0 = stats.total / stats.nnz.clamp(min=1)
-        if init == "auto" and iterations is None and rows.numel() >= _WARM_START_MIN:
-            s0 = torch.where(stats.nnz > 0, _octav_warm_start(rows, signed, c, s0.clamp(min=1e-30)), s0)
+    work = _work_buffer(rows, 2)
+    first = None
+    if auto and rows.shape[0] == 1 and rows.numel() >= _WARM_START_MIN:
+        # One long row: the subsample needs no statistics, so the first evaluation joins their pass.
+        s0 = _octav_warm_start(rows, signed, c)
+        stats, first = _magnitude_stats(rows, signed, work, s0)
+        check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
     else:
-        s0 = torch.as_tensor(init, dtype=torch.float64, device=rows.device).expand(rows.shape[0]).clone()
-    result = _octav_rows(
-        rows, signed, c, s0, stats, tol=tol, max_iter=max_iter, iterations=iterations, work=work
+        stats, _ = _magnitude_stats(rows, signed, work)
+        check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
+        s0 = stats.total / np.maximum(stats.nnz, 1)
+        if auto and rows.numel() >= _WARM_START_MIN:
+            s0 = np.where(stats.nnz > 0, _octav_warm_start(rows, signed, c, np.maximum(s0, 1e-30)), s0)
+        elif not isinstance(init, str):
+            given = init.double().cpu().numpy() if isinstance(init, torch.Tensor) else np.asarray(init, float)
+            s0 = np.broadcast_to(given, (rows.shape[0],)).copy()
+    amax_rows, counts = _octav_rows(
+        rows,
+        signed,
+        c,
+        s0,
+        stats,
+        tol=tol,
+        max_iter=max_iter,
+        iterations=iterations,
+        work=work,
+        first=first,
     )
-    amax = _finish(result.amax, stats.smax, axis, x)
+    amax = _finish(amax_rows, stats.smax, axis, x)
+    iterations_run = torch.from_numpy(counts).to(amax.device)
     if not return_iterations:
         return amax
-    return OctavResult(amax, result.iterations.reshape(()) if axis is None else result.iterations)
+    return OctavResult(amax, iterations_run.reshape(()) if axis is None else iterations_run)
 
 
 # ---------------------------------------------------------------------------------------------
