@@ -156,7 +156,7 @@ def _excess_of(block: torch.Tensor, signed: bool, s: np.ndarray, work: torch.Ten
     return torch.abs(block, out=out).sub_(thresholds).clamp_(min=0)
 
 
-def _count_positive(beyond: torch.Tensor, s: np.ndarray) -> torch.Tensor:
+def _count_positive(beyond: torch.Tensor, s: np.ndarray) -> np.ndarray:
     """Per row, how many entries of ``beyond = max(m - s, 0)`` are positive (overwrites it).
 
     A positive m - s is at least the float spacing above s (the subtraction is exact near s), so
@@ -165,8 +165,8 @@ def _count_positive(beyond: torch.Tensor, s: np.ndarray) -> torch.Tensor:
     """
     floor = float(np.spacing(s).min())
     if not floor >= np.finfo(s.dtype).tiny:  # subnormal spacings may be flushed to zero
-        return beyond.sign_().sum(dim=1)
-    return beyond.clamp_(max=floor).sum(dim=1) / floor
+        return _host(beyond.sign_().sum(dim=1))
+    return _host(beyond.clamp_(max=floor).sum(dim=1)) / floor
 
 
 def _in_work_precision(s: np.ndarray, work: torch.Tensor) -> np.ndarray:
@@ -177,7 +177,7 @@ def _in_work_precision(s: np.ndarray, work: torch.Tensor) -> np.ndarray:
 def _host(partial: torch.Tensor) -> np.ndarray:
     """A block's per-row partial result as float64 on the host, where the few values are added up:
     NumPy adds on a handful of values cost a microsecond, torch's indexed adds several."""
-    return partial.double().cpu().numpy()
+    return partial.cpu().numpy().astype(np.float64)
 
 
 class _Stats(NamedTuple):
@@ -199,10 +199,15 @@ def _magnitude_stats(
     s_work = None if s is None else _in_work_precision(s, work)
     for r, block in _row_blocks(x, work):
         mags = _magnitudes_of(block, signed, work)
-        smax[r] = np.maximum(smax[r], _host(mags.amax(dim=1)))
+        if mags.shape[0] == 1:  # one kernel for both extremes (aminmax along a dim is slow)
+            low, high = torch.aminmax(mags)
+            smax[r] = np.maximum(smax[r], float(high))
+        else:
+            low = mags.amin()
+            smax[r] = np.maximum(smax[r], _host(mags.amax(dim=1)))
         total[r] += _host(mags.sum(dim=1))
         # Dense data has no zeros: a min above 0 saves counting them (a sign pass and a sum).
-        if bool(mags.amin() > 0):
+        if bool(low > 0):
             nnz[r] += mags.shape[1]
         else:
             nnz[r] += _host(torch.sign(mags, out=work[1, : mags.shape[0], : mags.shape[1]]).sum(dim=1))
@@ -210,7 +215,7 @@ def _magnitude_stats(
             thresholds = torch.from_numpy(s_work[r, None]).to(mags.device)
             beyond = mags.sub_(thresholds).clamp_(min=0)
             excess[r] += _host(beyond.sum(dim=1))
-            above[r] += _host(_count_positive(beyond, s_work[r]))
+            above[r] += _count_positive(beyond, s_work[r])
     return _Stats(smax, total, nnz), None if s is None else (excess, above)
 
 
@@ -228,7 +233,7 @@ def _excess_and_count(
     for r, block in _row_blocks(x, work, rows):
         beyond = _excess_of(block, signed, s_work[r], work)
         excess[r] += _host(beyond.sum(dim=1))
-        count[r] += _host(_count_positive(beyond, s_work[r]))
+        count[r] += _count_positive(beyond, s_work[r])
     return excess, count
 
 

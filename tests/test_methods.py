@@ -38,7 +38,8 @@ def brute_force_mse(x: torch.Tensor, candidates: torch.Tensor, qmax: int, signed
 
 def fixed_point_by_sorting(values: np.ndarray, c: float) -> float:
     """Eq. (6)'s fixed point by sorting: with k values above s the map is S_k / (c (m-k) + k) on
-    [v_{k+1}, v_k); where no interval holds its own value, h jumps over zero at a data point."""
+    [v_{k+1}, v_k); where no interval holds its own value, h jumps over zero at a data value: the
+    smallest v with h(v) = c v (m - A) - (S_A - v A) >= 0, A counting the values strictly above v."""
     v = np.sort(values[values > 0])[::-1].astype(np.float64)
     m = v.size
     k = np.arange(m + 1, dtype=np.float64)
@@ -48,10 +49,10 @@ def fixed_point_by_sorting(values: np.ndarray, c: float) -> float:
     fixed = np.flatnonzero((root >= lower) & (root < upper))
     if fixed.size:
         return float(root[fixed[0]])
-    j = np.arange(1, m + 1, dtype=np.float64)
-    left = c * v * (m - j) - (sums[1:] - v * j)
-    at = c * v * (m - j + 1) - (sums[:-1] - v * (j - 1))
-    return float(v[np.flatnonzero((left <= 0) & (at >= 0))[0]])
+    negated, above = np.unique(-v, return_index=True)  # distinct values, descending; A = first index
+    distinct = -negated
+    h = c * distinct * (m - above) - (sums[above] - distinct * above)
+    return float(distinct[h >= 0].min())
 
 
 def sample(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -405,4 +406,39 @@ def test_octav_on_long_heavy_tailed_rows_with_few_values_above_the_root(bits, se
     got = octav(x, bits, axis=0)
     for r in range(3):
         ref = fixed_point_by_sorting(x[r].abs().double().numpy(), c)
+        assert got[r].item() == pytest.approx(ref, rel=1e-5), r
+
+
+def _distribution(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    values = {
+        "gaussian": lambda: gen.standard_normal(n),
+        "student-t3": lambda: gen.standard_t(3, size=n),
+        "relu": lambda: np.maximum(gen.standard_normal(n), 0),
+        "point-masses": lambda: np.round(gen.standard_normal(n) * 4) / 4,
+        "sparse-uniform": lambda: gen.uniform(-1, 1, n) * (gen.random(n) < 0.3),
+    }[kind]()
+    return torch.from_numpy(values.reshape(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["one long row", "long channels", "short channels"])
+@pytest.mark.parametrize("kind", ["gaussian", "student-t3", "relu", "point-masses", "sparse-uniform"])
+def test_octav_equals_the_sorted_fixed_point_across_distributions(kind, layout, bits):
+    """Every path (fused first pass, smooth-row stop, exact short-row stop, point-mass finish)
+    against the float64 sort-based fixed point, per row."""
+    shape, axis = {
+        "one long row": ((120_000,), None),
+        "long channels": ((3, 80_000), 0),
+        "short channels": ((96, 700), 0),
+    }[layout]
+    x = _distribution(kind, shape, seed=bits)
+    signed = kind != "relu"
+    c = Grid(bits, signed).noise_coefficient
+    got = octav(x, bits, signed=signed, axis=axis).reshape(-1)
+    rows = [x.reshape(-1)] if axis is None else list(x)
+    for r, row in enumerate(rows):
+        mags = (row.abs() if signed else row.clamp(min=0)).double().numpy()
+        ref = fixed_point_by_sorting(mags, c) if mags.any() else 1.0
         assert got[r].item() == pytest.approx(ref, rel=1e-5), r
