@@ -99,11 +99,16 @@ def median_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def paired_times(
-    ours: Callable[[], object], reference: Callable[[], object], repeat: int, rounds: int = 5
+    ours: Callable[[], object],
+    reference: Callable[[], object],
+    repeat: int,
+    rounds: int = 5,
+    before: Callable[[], object] = lambda: None,
 ) -> tuple[float, float, float]:
     """Median steady-state times of ``ours`` and ``reference``, and the median of their per-round
     ratios. The two take turns in ``rounds`` rounds, each side warmed up and then called repeatedly:
-    on a shared machine a slow spell then slows both sides of a round alike."""
+    on a shared machine a slow spell then slows both sides of a round alike. ``before`` runs,
+    untimed, before every timed call."""
     per_round = max(1, -(-repeat // rounds))
     ours_times: list[float] = []
     reference_times: list[float] = []
@@ -114,6 +119,7 @@ def paired_times(
             fn()  # warm-up: caches and allocator in their steady state, as Appendix F times it
             mine = []
             for _ in range(per_round):
+                before()
                 start = time.perf_counter()
                 fn()
                 mine.append(time.perf_counter() - start)
@@ -129,15 +135,28 @@ def main() -> None:
     )
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--sweep-repeat", type=int, default=1, help="the NumPy sweep takes seconds per run")
+    parser.add_argument(
+        "--sweep-repeat", type=int, default=3, help="rounds for the sweeps (the NumPy one takes seconds)"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the CPU caches before every timed OCTAV call (both sides): tensor and scratch "
+        "memory then come from RAM, as for a tensor that was produced long before",
+    )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    evict = np.ones(64 << 17)  # 64 MB, twice the last-level cache
+
+    def evict_caches() -> None:
+        evict.sum()  # reads only: the caches then hold clean lines, with nothing to write back
 
     grid = octavcal.Grid(args.bits, signed=True)
     gen = torch.Generator().manual_seed(0)
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, numpy {np.__version__}, bits {args.bits}, median of {args.repeat}"
+        + (", caches evicted before each OCTAV call" if args.cold else "")
     )
     header = (
         f"{'tensor':30} {'octav ms':>9} {'numpy':>9} {'ratio':>6} {'iters':>5} {'rel.err':>8} "
@@ -155,14 +174,17 @@ def main() -> None:
             lambda: octavcal.octav(x, args.bits, signed=True, axis=axis),
             lambda: numpy_octav(xn, grid.noise_coefficient, per_row),
             args.repeat,
+            before=evict_caches if args.cold else lambda: None,
         )
         result = octavcal.octav(x, args.bits, signed=True, axis=axis, return_iterations=True)
         ref = float64_octav(x, grid.noise_coefficient, axis)
         rel_err = float(np.abs(result.amax.double().reshape(-1).numpy() / ref - 1).max())
-        t_sweep = median_time(
-            lambda: octavcal.mse_sweep(x, args.bits, signed=True, axis=axis), args.sweep_repeat
+        t_sweep, t_np_sweep, sweep_speedup = paired_times(
+            lambda: octavcal.mse_sweep(x, args.bits, signed=True, axis=axis),
+            lambda: numpy_sweep(xn, grid.qmax, per_row),
+            args.sweep_repeat,
+            rounds=args.sweep_repeat,
         )
-        t_np_sweep = median_time(lambda: numpy_sweep(xn, grid.qmax, per_row), args.sweep_repeat)
         t_pct = median_time(lambda: octavcal.percentile(x, 99.99, axis=axis), args.repeat)
         row = {
             "tensor": name,
@@ -174,7 +196,7 @@ def main() -> None:
             "octav_rel_err_vs_float64": rel_err,
             "sweep_ms": t_sweep * 1e3,
             "numpy_sweep_ms": t_np_sweep * 1e3,
-            "sweep_speedup": t_np_sweep / t_sweep,
+            "sweep_speedup": sweep_speedup,
             "percentile_ms": t_pct * 1e3,
         }
         rows.append(row)
@@ -185,7 +207,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bits": args.bits, "rows": rows}, f, indent=2)
+            json.dump({"bits": args.bits, "cold": args.cold, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ import torch
 from .errors import SpecError
 from .grid import AMAX_OF_ZEROS, Convention, Grid, check_bits, check_finite, check_tensor, rows_from
 
-# Per-tensor OCTAV on more elements than this first solves a strided subsample, for a warm start.
-_WARM_START_MIN = 1 << 16
+# OCTAV on more elements than this first solves a strided subsample, for a warm start.
+_WARM_START_MIN = 1 << 12
 _WARM_START_SAMPLE = 1 << 15
 # The MSE sweep works on blocks of about this many elements per candidate, to stay in cache.
 _SWEEP_BLOCK = 1 << 13
 # OCTAV's passes work on blocks of this many elements, reusing one cache-sized buffer.
 _BLOCK = 1 << 21
-# Tensors up to this size are solved by one sort (exact; iterations reported as 0).
+# Tensors up to this size, in rows up to the second size, are solved by one sort (exact; iterations
+# reported as 0). Measured here: sorting (128, 128) takes 0.6 ms against 1.1 ms iterating, but one row
+# of 16K values 1.0 ms against 0.6 ms.
 _SORT_BELOW = 1 << 14
+_SORT_ROW_BELOW = 1 << 12
 # Rows this long stop on OCTAV's contraction estimate; shorter ones when a step is below tol.
 _SMOOTH_ROW = 1 << 16
 # ... and measure the density of values near the root from evaluations this many values apart.
@@ -459,6 +462,12 @@ def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray 
     return _sorted_fixed_point((mags / mean[:, None]).reshape(-1), c) * mean
 
 
+def solves_by_sorting(x: torch.Tensor, axis: int | None) -> bool:
+    """Whether ``octav(x, axis=axis)`` with ``init="auto"`` solves by one sort rather than iterating."""
+    row = x.numel() if axis is None or x.numel() == 0 else x.numel() // x.shape[axis]
+    return x.numel() <= _SORT_BELOW and row <= _SORT_ROW_BELOW
+
+
 def octav(
     x: torch.Tensor,
     bits: int,
@@ -480,7 +489,8 @@ def octav(
     ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
     (the paper's s_1); "auto" starts from OCTAV on a strided subsample when the tensor is large; a
     number or a [C] tensor is used as given. With ``init="auto"`` and no ``iterations``, tensors of
-    up to 16384 values are solved exactly by sorting instead (the iteration count is then 0).
+    up to 16384 values in rows of up to 4096 are solved exactly by sorting instead (the iteration count
+    is then 0).
     Example: 4-bit signed runtime grid (c = 1/588), x = [1, 1, 1, 1, 100] -> with only the outlier
     above s, s = 100 / (4c + 1) = 99.32; a unit Gaussian -> amax about 2.49.
     Returns amax ([] or [C]); with ``return_iterations`` an ``OctavResult(amax, iterations)``.
@@ -497,7 +507,7 @@ def octav(
     c = Grid(bits, signed, convention).noise_coefficient
     rows = rows_from(x, axis)
     auto = init == "auto" and iterations is None
-    if auto and rows.numel() <= _SORT_BELOW:
+    if auto and solves_by_sorting(x, axis):
         stats, _ = _magnitude_stats(rows, signed, _work_buffer(rows, 2))
         check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
         amax = _finish(_octav_by_sorting(rows, signed, c), stats.smax, axis, x)

@@ -26,7 +26,7 @@ from .collect import LAYER_TYPES, TRANSPOSED_CONV_TYPES, Target, capture_activat
 from .errors import SpecError
 from .grid import Convention, Grid, amax_view, check_bits
 from .loading import Batch, LoadedModel
-from .methods import _SORT_BELOW, max_scaling, octav
+from .methods import max_scaling, octav, solves_by_sorting
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
 
 Estimator = Literal["ste", "pwl", "mad"]
@@ -108,7 +108,9 @@ class _Quantizer:
             amax = max_scaling(data, signed=signed, axis=self.axis)
         else:  # dynamic OCTAV, warm-started from the previous iteration's scalar (small tensors: one sort)
             init: Any = (
-                "auto" if self.amax is None or data.numel() <= _SORT_BELOW else self.amax.to(data.device)
+                "auto"
+                if self.amax is None or solves_by_sorting(data, self.axis)
+                else self.amax.to(data.device)
             )
             solved = octav(
                 data, self.bits, signed=signed, axis=self.axis, convention=self.convention, init=init

@@ -423,13 +423,14 @@ def _distribution(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("layout", ["one long row", "long channels", "short channels"])
+@pytest.mark.parametrize("layout", ["one long row", "one short row", "long channels", "short channels"])
 @pytest.mark.parametrize("kind", ["gaussian", "student-t3", "relu", "point-masses", "sparse-uniform"])
 def test_octav_equals_the_sorted_fixed_point_across_distributions(kind, layout, bits):
     """Every path (fused first pass, smooth-row stop, exact short-row stop, point-mass finish)
     against the float64 sort-based fixed point, per row."""
     shape, axis = {
         "one long row": ((120_000,), None),
+        "one short row": ((9_000,), None),  # iterated (too long a row to sort), exact stopping rule
         "long channels": ((3, 80_000), 0),
         "short channels": ((96, 700), 0),
     }[layout]
