@@ -97,7 +97,7 @@ def check_finite(reduced: torch.Tensor, x: torch.Tensor, what: str) -> None:
     ``reduced`` is a max of |x| already computed (it is NaN or Inf exactly when x holds one), so
     the clean path costs no extra pass; the count is taken only on the error path.
     """
-    if not math.isfinite(float(reduced.double().sum())):  # one host sync; NaN/Inf survive the sum
+    if not math.isfinite(float(reduced.detach().double().sum())):  # one host sync; NaN/Inf survive the sum
         bad = int((~torch.isfinite(x)).sum())
         raise DataError(
             f"{what} of shape {tuple(x.shape)} contains NaN or Inf ({bad} of {x.numel()} values)."

@@ -105,7 +105,10 @@ def _work_buffer(x: torch.Tensor, count: int = 1) -> torch.Tensor:
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(x.dtype)
     if buffer is None or buffer.numel() < size:
-        buffer = buffers[x.dtype] = torch.empty(size, dtype=x.dtype)
+        # A normal CPU tensor whatever the caller's mode: an inference-mode tensor could not be
+        # written in place by a later call outside inference mode, nor one on the default device.
+        with torch.inference_mode(False):
+            buffer = buffers[x.dtype] = torch.empty(size, dtype=x.dtype, device="cpu")
     return buffer[:size].view(shape)
 
 
@@ -285,7 +288,9 @@ def _octav_rows(
     done = nnz == 0
     s = np.where(done, hi, s0)
     counts = np.zeros(rows, dtype=np.int64)
-    prev_s, prev_above, density = np.full(rows, np.nan), np.full(rows, np.nan), np.full(rows, np.nan)
+    prev_s, prev_above, prev_below = np.full(rows, np.nan), np.full(rows, np.nan), np.zeros(rows, dtype=bool)
+    prev_density = np.full(rows, np.nan)  # values per unit of s between the two evaluations before
+    from_map = np.zeros(rows, dtype=bool)  # s is the map's value at the previous evaluation
     pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point
     # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
     smooth = n >= _SMOOTH_ROW
@@ -307,40 +312,56 @@ def _octav_rows(
                 s = np.where(done, s, newton)
                 continue
             step = np.abs(newton - s)
-            converged = step <= tol * newton
             below = ~done & (c * s * inside_count < excess)  # h(s) < 0: the root is above s
-            upper = ~done & ~below
+            # Exact: s is the map's value at the previous point and no value lies between the two
+            # (the same count above both), so the map takes that same value at s: s is its fixed
+            # point. A small step alone proves nothing: a point mass between s and the map's value
+            # makes the step tiny (its values weigh in the denominator) far from the root.
+            converged = from_map & (above == prev_above)
+            tighter_lo = below & (s > lo)  # an init outside [0, max] must not widen the bracket
+            tighter_hi = ~done & ~below & (s < hi)
             lo, above_lo, map_lo = (
-                np.where(below, s, lo),
-                np.where(below, above, above_lo),
-                np.where(below, newton, map_lo),
+                np.where(tighter_lo, s, lo),
+                np.where(tighter_lo, above, above_lo),
+                np.where(tighter_lo, newton, map_lo),
             )
             hi, above_hi, map_hi = (
-                np.where(upper, s, hi),
-                np.where(upper, above, above_hi),
-                np.where(upper, newton, map_hi),
+                np.where(tighter_hi, s, hi),
+                np.where(tighter_hi, above, above_hi),
+                np.where(tighter_hi, newton, map_hi),
             )
             use_tail = False
             if smooth:
-                # Near the root the map g has slope -c s f / D (f: values per unit of s, estimated from
-                # the last two evaluations and doubled for safety), and its error grows with
-                # f d^2 / (2 D) at a distance d ~ step. Long rows stop once that estimate of g(s)'s
-                # error is within tol, trusted only inside the bracket (not across a point mass).
-                # f comes from the last pair of evaluations with enough values between them to
-                # measure it. The estimate also needs the map smooth at the scale of tol: one data
-                # point between s and the root moves it by up to (c s + step) / D.
+                # Near the root the map g has slope -c s f / D (f: values per unit of s), and its error
+                # grows with f d^2 / (2 D) at a distance d ~ step. Long rows stop once that estimate
+                # of g(s)'s error is within tol. f is measured between the last two evaluations,
+                # doubled for safety and taken as at least _MIN_CROSSINGS values there (fewer are too
+                # few to measure it). The estimate is trusted only when those two evaluations
+                # straddle the root, so that every value between s and the root was counted, and
+                # when that count could not hide a point mass or a tight cluster next to s: either
+                # all of them together move the map by less than tol, or there are no more of them
+                # than the density measured one pair earlier predicts. It also needs the map smooth
+                # at the scale of tol: one value between s and the root moves it by up to
+                # (c s + step) / D.
                 crossed = np.abs(above - prev_above)
-                measured = crossed >= _MIN_CROSSINGS
-                density = np.where(measured, 2 * crossed / np.abs(s - prev_s), density)
+                gap = np.abs(s - prev_s)
+                density = 2 * np.maximum(crossed, _MIN_CROSSINGS) / gap
                 slope = c * inside_count + above
                 rho = c * s * density / slope
                 error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
                 one_point = (c * s + step) / slope
+                all_together = crossed * (c * s + gap + step) / slope
+                as_predicted = crossed <= 2 * prev_density * gap + 8
                 estimated = (
-                    np.isfinite(error) & (rho < 0.5) & (one_point <= tol * newton) & (error <= tol * newton)
+                    np.isfinite(error)
+                    & (below != prev_below)
+                    & ((all_together <= tol * newton) | as_predicted)
+                    & (rho < 0.5)
+                    & (one_point <= tol * newton)
+                    & (error <= tol * newton)
                 )
+                prev_density = np.where(done, prev_density, crossed / gap)
                 converged |= estimated & (newton >= lo) & (newton <= hi)
-                prev_s, prev_above = s, above
                 # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up
                 # from below and overshoots from above. Newton on log E(s) - log(c s N0), whose root
                 # is the same, follows tails closely; it is used while it stays inside the bracket.
@@ -360,6 +381,8 @@ def _octav_rows(
             # A collapsed bracket means the root sits on a point mass at hi: take hi.
             collapsed = ~converged & ~single & (hi - lo <= tol * hi)
             nxt = np.where(collapsed, hi, nxt)
+            prev_s, prev_above, prev_below = s, above, below
+            from_map = nxt == newton
             s = np.where(done, s, nxt)
             done = done | converged | collapsed | single
             if done.all():
@@ -462,6 +485,27 @@ def _octav_warm_start(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray 
     return _sorted_fixed_point((mags / mean[:, None]).reshape(-1), c) * mean
 
 
+def _octav_start(
+    rows: torch.Tensor, signed: bool, c: float, auto: bool
+) -> tuple[_Stats, tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+    """The statistics pass and the starting points: (stats, E and N1 at s0 when the pass took them, s0).
+
+    s0 is the paper's s_1, or with ``auto`` the fixed point of a subsample. For one long row the
+    subsample needs no statistics, so the first evaluation joins their pass. With NaN or Inf in
+    ``rows`` the results are meaningless, and stats.smax says so.
+    """
+    work = _work_buffer(rows, 2)
+    if auto and rows.shape[0] == 1 and rows.numel() >= _WARM_START_MIN:
+        s0 = _octav_warm_start(rows, signed, c)
+        stats, first = _magnitude_stats(rows, signed, work, s0)
+        return stats, first, s0
+    stats, _ = _magnitude_stats(rows, signed, work)
+    s0 = stats.total / np.maximum(stats.nnz, 1)
+    if auto and rows.numel() >= _WARM_START_MIN and np.isfinite(s0).all():
+        s0 = np.where(stats.nnz > 0, _octav_warm_start(rows, signed, c, np.maximum(s0, 1e-30)), s0)
+    return stats, None, s0
+
+
 def solves_by_sorting(x: torch.Tensor, axis: int | None) -> bool:
     """Whether ``octav(x, axis=axis)`` with ``init="auto"`` solves by one sort rather than iterating."""
     row = x.numel() if axis is None or x.numel() == 0 else x.numel() // x.shape[axis]
@@ -485,7 +529,9 @@ def octav(
 
     Minimizes J(s) = c s^2 E[1{0<|x|<=s}] + E[(|x|-s)^2 1{|x|>s}] (eq. 12, zeros excluded from the
     noise term) with c = (step/amax)^2/12 of the grid: 1/(12 qmax^2) (``runtime``), 4^-B/3 signed or
-    4^-B/12 unsigned (``paper``). Iterates until an update moves s by at most ``tol`` (relative);
+    4^-B/12 unsigned (``paper``). Iterates to the exact fixed point (the map's value at s lands where
+    the map takes that value), or, on rows of 64K+ values, until an estimate of the distance left is
+    within ``tol`` (relative), or until the bracket around the root is narrower than ``tol``;
     ``iterations=10`` instead runs the paper's fixed count. ``init``: "paper" is sum|x| / #nonzero
     (the paper's s_1); "auto" starts from OCTAV on a strided subsample when the tensor is large; a
     number or a [C] tensor is used as given. With ``init="auto"`` and no ``iterations``, tensors of
@@ -497,6 +543,7 @@ def octav(
     """
     check_bits(bits)
     check_tensor(x, "Tensor passed to octav", finite=False)
+    x = x.detach()  # a statistic of the data, not a function to differentiate
     if iterations is not None and (
         isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
     ):
@@ -507,6 +554,8 @@ def octav(
     c = Grid(bits, signed, convention).noise_coefficient
     rows = rows_from(x, axis)
     auto = init == "auto" and iterations is None
+    if not signed:  # max(x, 0) hides -inf (and NaN) from the statistics below
+        check_finite(rows.amin(), x, "Tensor passed to octav")
     if auto and solves_by_sorting(x, axis):
         stats, _ = _magnitude_stats(rows, signed, _work_buffer(rows, 2))
         check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
@@ -514,22 +563,16 @@ def octav(
         if not return_iterations:
             return amax
         return OctavResult(amax, torch.zeros(amax.shape, dtype=torch.int64, device=amax.device))
+    stats, first, s0 = _octav_start(rows, signed, c, auto)
+    check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
+    if not np.isfinite(stats.total).all() and rows.dtype != torch.float64:
+        # Finite values this large overflow float32 sums (the max alone cannot): redo in float64.
+        rows = rows.double()
+        stats, first, s0 = _octav_start(rows, signed, c, auto)
+    if not (auto or isinstance(init, str)):
+        given = init.double().cpu().numpy() if isinstance(init, torch.Tensor) else np.asarray(init, float)
+        s0 = np.broadcast_to(given, (rows.shape[0],)).copy()
     work = _work_buffer(rows, 2)
-    first = None
-    if auto and rows.shape[0] == 1 and rows.numel() >= _WARM_START_MIN:
-        # One long row: the subsample needs no statistics, so the first evaluation joins their pass.
-        s0 = _octav_warm_start(rows, signed, c)
-        stats, first = _magnitude_stats(rows, signed, work, s0)
-        check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
-    else:
-        stats, _ = _magnitude_stats(rows, signed, work)
-        check_finite(torch.from_numpy(stats.smax), x, "Tensor passed to octav")
-        s0 = stats.total / np.maximum(stats.nnz, 1)
-        if auto and rows.numel() >= _WARM_START_MIN:
-            s0 = np.where(stats.nnz > 0, _octav_warm_start(rows, signed, c, np.maximum(s0, 1e-30)), s0)
-        elif not isinstance(init, str):
-            given = init.double().cpu().numpy() if isinstance(init, torch.Tensor) else np.asarray(init, float)
-            s0 = np.broadcast_to(given, (rows.shape[0],)).copy()
     amax_rows, counts = _octav_rows(
         rows,
         signed,
@@ -604,6 +647,7 @@ def mse_sweep(
     """
     check_bits(bits)
     check_tensor(x, "Tensor passed to mse_sweep")
+    x = x.detach()  # a statistic of the data, not a function to differentiate
     if isinstance(points, bool) or not isinstance(points, int) or points < 1:
         raise SpecError(f"points must be a positive integer: got {points!r}.")
     signed = resolve_signed(x, signed)
@@ -637,6 +681,7 @@ def percentile(x: torch.Tensor, q: float, *, axis: int | None = None) -> torch.T
     Example: |x| = [1, 2, 3, 4, 5], q = 90 -> p = 3.6 -> 4 + 0.6 * (5 - 4) = 4.6.
     """
     check_tensor(x, "Tensor passed to percentile")
+    x = x.detach()  # a statistic of the data, not a function to differentiate
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 100:
         raise SpecError(f"Percentile q must be in (0, 100]: got {q!r}.")
     a = rows_from(x, axis).abs()
@@ -659,6 +704,7 @@ def percentile(x: torch.Tensor, q: float, *, axis: int | None = None) -> torch.T
 def max_scaling(x: torch.Tensor, *, signed: bool | None = None, axis: int | None = None) -> torch.Tensor:
     """The max-scaled quantizer's scalar (eq. 2): max |x| (signed) or max x (unsigned)."""
     check_tensor(x, "Tensor passed to max_scaling")
+    x = x.detach()  # a statistic of the data, not a function to differentiate
     signed = resolve_signed(x, signed)
     smax = _magnitudes(x, signed, axis).amax(dim=1).double()
     return _finish(smax, smax, axis, x)
@@ -679,6 +725,7 @@ def analytic_mse(
     ``quant_mse`` to see where the model holds.
     """
     check_tensor(x, "Tensor passed to analytic_mse")
+    x = x.detach()  # a statistic of the data, not a function to differentiate
     signed = resolve_signed(x, signed)
     c = Grid(check_bits(bits), signed, convention).noise_coefficient
     a = _magnitudes(x, signed, axis).double()

@@ -123,7 +123,8 @@ def test_octav_matches_the_papers_literal_ten_iterations():
 
 
 def test_octav_reports_iterations_and_respects_tolerance():
-    x = sample("gaussian", 20_000, seed=9)
+    """tol governs long rows (64K+ values), which stop on an error estimate; short rows stop exactly."""
+    x = sample("gaussian", 100_000, seed=9)
     loose = octav(x, 4, init="paper", tol=1e-2, return_iterations=True)
     tight = octav(x, 4, init="paper", tol=1e-9, return_iterations=True)
     assert 1 <= loose.iterations.item() < tight.iterations.item() <= 100
@@ -443,3 +444,96 @@ def test_octav_equals_the_sorted_fixed_point_across_distributions(kind, layout, 
         mags = (row.abs() if signed else row.clamp(min=0)).double().numpy()
         ref = fixed_point_by_sorting(mags, c) if mags.any() else 1.0
         assert got[r].item() == pytest.approx(ref, rel=1e-5), r
+
+
+def test_octav_does_not_stop_short_of_a_point_mass():
+    """Clipped activations: 14379 values at the clip and two above it, at 11 bits. Just below the
+    mass the map's step is tiny (the mass weighs in its denominator) although the root lies 0.7%
+    higher; a small step alone once stopped there."""
+    gen = np.random.default_rng(306)
+    n = int(gen.choice([8000, 30000, 100000, 250000]))
+    clip = gen.uniform(1, 4)
+    x = np.minimum(np.maximum(gen.standard_normal(n) * gen.uniform(0.5, 2), 0), clip)
+    k = int(gen.integers(1, 20))
+    x[gen.integers(0, n, k)] = clip * (1 + gen.exponential(0.01, k))
+    bits = int(gen.integers(6, 17))
+    assert (n, k, bits) == (250_000, 2, 11)
+    x = torch.from_numpy(x).float()
+    ref = fixed_point_by_sorting(x.double().numpy(), Grid(bits, False).noise_coefficient)
+    assert octav(x, bits, signed=False).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_octav_long_row_with_a_point_mass_at_its_root():
+    """30 copies of a long Gaussian row's own root: the contraction estimate must not stop beside
+    them (it once did, 1.7e-5 off)."""
+    gen = np.random.default_rng(0)
+    base = gen.standard_normal(150_000)
+    perm = gen.permutation(150_030)
+    c = Grid(6, True).noise_coefficient
+    x = np.concatenate([base, np.full(30, fixed_point_by_sorting(np.abs(base), c))])[perm]
+    ref = fixed_point_by_sorting(np.abs(x), c)
+    assert octav(torch.from_numpy(x), 6).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_octav_long_row_with_a_cluster_next_to_its_root():
+    """100 values within 3e-7 above the root of a long Gaussian row."""
+    gen = np.random.default_rng(0)
+    base = gen.standard_normal(200_000)
+    c = Grid(6, True).noise_coefficient
+    root = fixed_point_by_sorting(np.abs(base), c)
+    x = np.concatenate([base, root * (1 + 2e-7 + 1e-7 * gen.uniform(-1, 1, 100))])
+    gen.shuffle(x)
+    ref = fixed_point_by_sorting(np.abs(x), c)
+    assert octav(torch.from_numpy(x), 6).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_octav_on_values_whose_float32_sums_overflow():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 1e37
+    c = Grid(4, True).noise_coefficient
+    ref = fixed_point_by_sorting(x.abs().double().numpy(), c)
+    assert octav(x, 4).item() == pytest.approx(ref, rel=1e-5)
+    rows = (x / 100).reshape(4, -1)
+    got = octav(rows, 4, axis=0)
+    for r in range(4):
+        assert got[r].item() == pytest.approx(
+            fixed_point_by_sorting(rows[r].abs().double().numpy(), c), rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("n", [1000, 50_000])
+def test_octav_unsigned_refuses_minus_infinity(n):
+    x = torch.rand(n)
+    x[7] = -math.inf
+    with pytest.raises(DataError, match=r"NaN or Inf \(1 of"):
+        octav(x, 4, signed=False)
+
+
+def test_octav_init_above_the_max_keeps_the_bracket():
+    x = sample("gaussian", 100_000, seed=3).float()
+    ref = fixed_point_by_sorting(x.abs().double().numpy(), Grid(4, True).noise_coefficient)
+    result = octav(x, 4, init=1e30, return_iterations=True)
+    assert result.amax.item() == pytest.approx(ref, rel=1e-5)
+    assert result.iterations.item() <= 20
+
+
+def test_methods_accept_any_mode_device_default_and_grad():
+    """The cached scratch memory is a plain CPU tensor whatever the caller's mode or default device,
+    and inputs that require grad are read as data."""
+    x = sample("gaussian", 100_000, seed=4).float()
+    expected = octav(x, 4).item()
+    code = (
+        "import torch, octavcal\n"
+        "x = torch.randn(100_000, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()\n"
+        "with torch.inference_mode():\n"
+        "    a = octavcal.octav(x, 4)\n"
+        "b = octavcal.octav(x, 4); small = octavcal.octav(x[:1000], 4)\n"
+        "torch.set_default_device('meta')\n"
+        "d = octavcal.octav(x.clone(), 4).item()\n"
+        "torch.set_default_device('cpu')\n"
+        "g = octavcal.octav(x.clone().requires_grad_(), 4).item()\n"
+        "octavcal.mse_sweep(x.clone().requires_grad_(), 4)\n"
+        "print(a.item(), b.item(), d, g)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for value in out.split():
+        assert float(value) == pytest.approx(expected, rel=1e-6)
