@@ -24,14 +24,14 @@ _WARM_START_MIN = 1 << 12
 _WARM_START_SAMPLE = 1 << 15
 # The MSE sweep works on blocks of about this many elements per candidate, to stay in cache.
 _SWEEP_BLOCK = 1 << 13
-# OCTAV's passes work on blocks of this many elements, reusing one cache-sized buffer.
+# OCTAV's passes work on blocks of this many elements, in scratch buffers kept between calls.
 _BLOCK = 1 << 21
 # Tensors up to this size, in rows up to the second size, are solved by one sort (exact; iterations
 # reported as 0). Measured here: sorting (128, 128) takes 0.6 ms against 1.1 ms iterating, but one row
 # of 16K values 1.0 ms against 0.6 ms.
 _SORT_BELOW = 1 << 14
 _SORT_ROW_BELOW = 1 << 12
-# Rows this long stop on OCTAV's contraction estimate; shorter ones when a step is below tol.
+# Every row stops at a proven fixed point; rows this long may also stop on a contraction estimate.
 _SMOOTH_ROW = 1 << 16
 # ... and measure the density of values near the root from evaluations this many values apart.
 _MIN_CROSSINGS = 16
@@ -231,8 +231,8 @@ def _excess_and_count(
     """Per row: E = sum(max(m - s, 0)) and N1 = #(m > s) for magnitudes m of rows ``x`` (R, n).
 
     (R, n), (R,) -> (R,), (R,), or for the subset ``rows`` only. S1 = E + s N1 then follows without
-    cancellation. Clamp, sign and sum are vectorized kernels (masked selection and ``where`` cost
-    several times more on CPU); block sums are accumulated in float64.
+    cancellation. Clamp and sum are vectorized kernels (masked selection and ``where`` cost several
+    times more on CPU); block sums are accumulated in float64.
     """
     excess, count = np.zeros(s.size), np.zeros(s.size)
     s_work = _in_work_precision(s, work)
