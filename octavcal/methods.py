@@ -290,6 +290,7 @@ def _octav_rows(
     counts = np.zeros(rows, dtype=np.int64)
     prev_s, prev_above, prev_below = np.full(rows, np.nan), np.full(rows, np.nan), np.zeros(rows, dtype=bool)
     prev_density = np.full(rows, np.nan)  # values per unit of s between the two evaluations before
+    prev_gap = np.full(rows, np.nan)  # and the distance between them
     from_map = np.zeros(rows, dtype=bool)  # s is the map's value at the previous evaluation
     pending = np.zeros(rows, dtype=bool)  # rows whose bracket holds one data point
     # The contraction estimate needs a map that is smooth at the scale of tol: many values per row.
@@ -340,9 +341,9 @@ def _octav_rows(
                 # straddle the root, so that every value between s and the root was counted, and
                 # when that count could not hide a point mass or a tight cluster next to s: either
                 # all of them together move the map by less than tol, or there are no more of them
-                # than the density measured one pair earlier predicts. It also needs the map smooth
-                # at the scale of tol: one value between s and the root moves it by up to
-                # (c s + step) / D.
+                # than the density of the pair before, at least four times wider, predicts. It also
+                # needs the map smooth at the scale of tol: one value between s and the root moves
+                # it by up to (c s + step) / D.
                 crossed = np.abs(above - prev_above)
                 gap = np.abs(s - prev_s)
                 density = 2 * np.maximum(crossed, _MIN_CROSSINGS) / gap
@@ -351,7 +352,9 @@ def _octav_rows(
                 error = rho * step / (1 - rho) + density * step**2 / (2 * slope)
                 one_point = (c * s + step) / slope
                 all_together = crossed * (c * s + gap + step) / slope
-                as_predicted = crossed <= 2 * prev_density * gap + 8
+                # (A mass inside both pairs inflates the older density too: it stands out only once
+                # the pair has shrunk well below the one before.)
+                as_predicted = (crossed <= 2 * prev_density * gap + 8) & (gap <= 0.25 * prev_gap)
                 estimated = (
                     np.isfinite(error)
                     & (below != prev_below)
@@ -361,6 +364,7 @@ def _octav_rows(
                     & (error <= tol * newton)
                 )
                 prev_density = np.where(done, prev_density, crossed / gap)
+                prev_gap = np.where(done, prev_gap, gap)
                 converged |= estimated & (newton >= lo) & (newton <= hi)
                 # Far from the root, h is concave (E(s) falls off like a tail), so the map creeps up
                 # from below and overshoots from above. Newton on log E(s) - log(c s N0), whose root
