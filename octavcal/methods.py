@@ -35,6 +35,8 @@ _SORT_ROW_BELOW = 1 << 12
 _SMOOTH_ROW = 1 << 16
 # ... and measure the density of values near the root from evaluations this many values apart.
 _MIN_CROSSINGS = 16
+# Long rows take Newton steps on log E(s) while the map still moves s by more than this (relative).
+_TAIL_STEP = 1e-3
 # Per-thread scratch buffers for OCTAV's passes (see _work_buffer).
 _scratch = threading.local()
 
@@ -176,8 +178,17 @@ def _count_positive(beyond: torch.Tensor, s: np.ndarray) -> np.ndarray:
 
 
 def _in_work_precision(s: np.ndarray, work: torch.Tensor) -> np.ndarray:
-    """Thresholds rounded to the dtype the passes compute in, so host and device agree on them."""
-    return s.astype(np.float64 if work.dtype == torch.float64 else np.float32)
+    """Thresholds in the dtype the passes compute in, rounded down: for data in that dtype, m > s
+    exactly when m > the rounded s, so the counts are those at s itself (rounding to nearest could
+    step over a value, or a point mass, just above s)."""
+    dtype = np.float64 if work.dtype == torch.float64 else np.float32
+    rounded = s.astype(dtype)
+    return np.where(rounded > s, np.nextafter(rounded, dtype(-np.inf)), rounded).astype(dtype)
+
+
+def _excess_at(excess: np.ndarray, above: np.ndarray, s: np.ndarray, s_work: np.ndarray) -> np.ndarray:
+    """E at s from E at its rounded-down s_work: the same values lie above both, each by s - s_work less."""
+    return excess - above * (s - s_work.astype(np.float64))
 
 
 def _host(partial: torch.Tensor) -> np.ndarray:
@@ -222,7 +233,9 @@ def _magnitude_stats(
             beyond = mags.sub_(thresholds).clamp_(min=0)
             excess[r] += _host(beyond.sum(dim=1))
             above[r] += _count_positive(beyond, s_work[r])
-    return _Stats(smax, total, nnz), None if s is None else (excess, above)
+    if s is None or s_work is None:
+        return _Stats(smax, total, nnz), None
+    return _Stats(smax, total, nnz), (_excess_at(excess, above, s, s_work), above)
 
 
 def _excess_and_count(
@@ -240,7 +253,7 @@ def _excess_and_count(
         beyond = _excess_of(block, signed, s_work[r], work)
         excess[r] += _host(beyond.sum(dim=1))
         count[r] += _count_positive(beyond, s_work[r])
-    return excess, count
+    return _excess_at(excess, count, s, s_work), count
 
 
 def _smallest_above(
@@ -248,7 +261,7 @@ def _smallest_above(
 ) -> np.ndarray:
     """For the subset ``rows``: the smallest magnitude strictly above ``lo`` (inf if none)."""
     best = np.full(lo.size, math.inf)
-    lo_work = torch.from_numpy(lo).to(device=x.device, dtype=work.dtype)
+    lo_work = torch.from_numpy(_in_work_precision(lo, work)).to(x.device)
     for r, block in _row_blocks(x, work, rows):
         mags = _magnitudes_of(block, signed, work)
         mags = torch.where(mags > lo_work[r, None], mags, math.inf)
@@ -372,7 +385,10 @@ def _octav_rows(
                 # The map's own value still decides convergence: the answer is the same fixed point.
                 log_step = (np.log(excess) - np.log(c * s * inside_count)) / (above / excess + 1 / s)
                 tail = s + log_step
-                use_tail = np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
+                # Near the root the map itself is better: its steps alternate sides, so the next
+                # evaluation straddles the root, and its own value can prove the fixed point.
+                far = step > _TAIL_STEP * newton
+                use_tail = far & np.isfinite(tail) & (tail > lo) & (tail < hi) & ~converged
             inside = (newton > lo) & (newton < hi)
             nxt = np.where(inside | converged, newton, 0.5 * (lo + hi))
             if smooth:
@@ -575,7 +591,10 @@ def octav(
         stats, first, s0 = _octav_start(rows, signed, c, auto)
     if not (auto or isinstance(init, str)):
         given = init.double().cpu().numpy() if isinstance(init, torch.Tensor) else np.asarray(init, float)
-        s0 = np.broadcast_to(given, (rows.shape[0],)).copy()
+        if not (np.isfinite(given).all() and (given >= 0).all()):
+            raise SpecError(f"init must be a finite number >= 0 or a [C] tensor of them: got {init!r}.")
+        # Above the max every value is below s alike: start there (and stay inside the dtype).
+        s0 = np.minimum(np.broadcast_to(given, (rows.shape[0],)), stats.smax)
     work = _work_buffer(rows, 2)
     amax_rows, counts = _octav_rows(
         rows,

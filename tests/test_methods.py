@@ -569,3 +569,24 @@ def test_octav_channels_with_ties_just_below_their_roots():
     for ch in range(4):
         ref = fixed_point_by_sorting(x[ch].abs().double().numpy(), c)
         assert got[ch].item() == pytest.approx(ref, rel=1e-5), ch
+
+
+def test_octav_literal_iterations_match_a_float64_loop_at_16_bits():
+    """Near the max, thresholds rounded to nearest float32 once stepped over the top values and the
+    count fell to 0; thresholds now round down, where float32 data compares exactly."""
+    w = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+    c = Grid(16, True).noise_coefficient
+    got = octav(w, 16, signed=True, axis=0, iterations=10)
+    for r in range(64):
+        a = w[r].abs().double().numpy()
+        s = a.sum() / (a > 0).sum()
+        for _ in range(10):
+            above = a > s
+            s = a[above].sum() / (c * ((a > 0) & ~above).sum() + above.sum())
+        assert got[r].item() == pytest.approx(s, rel=1e-6), r
+
+
+@pytest.mark.parametrize("init", [-0.5, math.inf, math.nan])
+def test_octav_refuses_a_bad_numeric_init(init):
+    with pytest.raises(SpecError, match="init must be a finite number"):
+        octav(torch.randn(100_000), 8, init=init)
