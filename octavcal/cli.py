@@ -184,13 +184,10 @@ def calibrate_command(
     loaded = load_model(
         model, arch=arch, allow_pickle=allow_pickle, device=dev, dtype=DTYPES[dtype] if dtype else None
     )
-    cast = DTYPES[dtype] if dtype else None
-    if ":" in data and not Path(data).exists():
-        source = batches_from_callable(data, num_batches, seed)
-    else:
-        tensors = load_data(data)
-        source = (tensors.batch(i) for i in plan_batches(tensors.num_samples, batch_size, num_batches, seed))
-    batches = (b.to(dev, cast) for b in source)  # made one at a time, as calibration pulls them
+    calib, _ = _batch_sources(
+        data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
+    )
+    batches = calib()  # made one at a time, as calibration pulls them
     output = output or model.with_name(model.stem + ".scales.safetensors")
     with progress_bar(quiet or as_json) as progress:
         table = calibrate(loaded, batches, config, seed=seed, progress=progress, total_batches=num_batches)

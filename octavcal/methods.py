@@ -398,7 +398,7 @@ def _octav_rows(
             # (Appendix B's point of positive mass, where the recursion would cycle). Finish exactly.
             single = ~done & ~converged & (above_lo - above_hi == 1)
             pending |= single  # resolved together after the loop: one pass for all such rows
-            # A collapsed bracket means the root sits on a point mass at hi: take hi.
+            # A bracket narrower than tol holds the root (on a point mass, it is hi itself): take hi.
             collapsed = ~converged & ~single & (hi - lo <= tol * hi)
             nxt = np.where(collapsed, hi, nxt)
             prev_s, prev_above, prev_below = s, above, below

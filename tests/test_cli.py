@@ -15,6 +15,11 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def calibrate_cnn(paths, *options):
+    """The sample CNN calibrated on its own data, with further options."""
+    return run("calibrate", paths["model"], "--arch", paths["arch"], "--data", paths["data"], *options)
+
+
 def cnn_args(paths, out):
     return [
         "calibrate",
@@ -227,12 +232,8 @@ def test_evaluate_and_export_commands(tmp_path, cnn_paths):
     base = ["--arch", cnn_paths["arch"]]
     scales = tmp_path / "s8.safetensors"
     assert (
-        run(
-            "calibrate",
-            cnn_paths["model"],
-            *base,
-            "--data",
-            cnn_paths["data"],
+        calibrate_cnn(
+            cnn_paths,
             "--bits",
             "8",
             "--methods",
@@ -367,12 +368,8 @@ def test_review_regressions_cli(tmp_path, cnn_paths):
     assert mode == 0o666 & ~umask
     # An output that cannot be written is one error line.
     (tmp_path / "adir").mkdir()
-    result = run(
-        "calibrate",
-        cnn_paths["model"],
-        *base,
-        "--data",
-        cnn_paths["data"],
+    result = calibrate_cnn(
+        cnn_paths,
         "--methods",
         "max",
         "--batches",
@@ -385,7 +382,7 @@ def test_review_regressions_cli(tmp_path, cnn_paths):
         and result.stderr.startswith("Error: Cannot use")
         and "Traceback" not in result.output
     )
-    result = run("calibrate", cnn_paths["model"], *base, "--data", cnn_paths["data"], "--device", "tpu")
+    result = calibrate_cnn(cnn_paths, "--device", "tpu")
     assert (
         result.exit_code == 1
         and result.stderr.strip() == "Error: Unknown device 'tpu'. Expected cpu, cuda or cuda:N."
@@ -424,12 +421,8 @@ def test_trt_cache_refuses_clashing_paths_and_empty_caches(tmp_path, cnn_paths):
     base = ["--arch", cnn_paths["arch"]]
     s4 = tmp_path / "s4.safetensors"
     assert (
-        run(
-            "calibrate",
-            cnn_paths["model"],
-            *base,
-            "--data",
-            cnn_paths["data"],
+        calibrate_cnn(
+            cnn_paths,
             "--bits",
             "4",
             "--methods",
@@ -467,12 +460,8 @@ def test_evaluate_keeps_scale_files_apart(tmp_path, cnn_paths):
     for name, extra in (("a", []), ("b", ["--first-last-8bit"])):
         files.append(tmp_path / f"{name}.safetensors")
         assert (
-            run(
-                "calibrate",
-                cnn_paths["model"],
-                *base,
-                "--data",
-                cnn_paths["data"],
+            calibrate_cnn(
+                cnn_paths,
                 "--bits",
                 "4",
                 "--methods",
