@@ -26,6 +26,9 @@ from .methods import (
 __version__ = "0.1.0"
 
 from .calibrate import CalibrationConfig, calibrate
+from .compare import compare
+from .evaluate import evaluate
+from .simulate import apply_scales
 from .loading import Batch, load_data, load_model
 from .scales import ScaleTable, load_scales, save_scales
 
@@ -47,7 +50,9 @@ __all__ = [
     "analytic_mse",
     "apply_scales",
     "calibrate",
+    "compare",
     "compute_amax",
+    "evaluate",
     "fake_quantize",
     "load_data",
     "load_model",

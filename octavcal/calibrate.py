@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .collect import Target, capture_activations, weight_targets
+from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
 from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .grid import CONVENTIONS, check_bits
-from .loading import Batch, LoadedModel
+from .loading import Batch, LoadedModel, as_loaded, batches_of
 from .methods import Method, compute_amax, parse_methods
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
 
@@ -34,7 +34,9 @@ Progress = Callable[[str, int, "int | None"], None]
 class CalibrationConfig:
     """What to compute. ``layer_bits``: (pattern, bits or None to skip), first match wins; patterns
     match a target id ``module:role`` or its module path (fnmatch). ``first_last_bits`` keeps the
-    first and last Linear/Conv (in execution order) at that width, as Appendix E.2 does with 8."""
+    first and last Linear/Conv (in execution order) at that width, as Appendix E.2 does with 8.
+    ``strict`` refuses a model with a weight-bearing op octavcal does not model (an LSTM, an einsum
+    with a weight); other uncovered Parameters are listed in the scale file either way."""
 
     bits: int = 8
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -43,6 +45,7 @@ class CalibrationConfig:
     per_channel_weights: bool = True
     mask_padding: bool = True
     convention: str = "runtime"
+    strict: bool = False
 
     def validate(self) -> list[Method]:
         check_bits(self.bits)
@@ -110,6 +113,7 @@ class _Calibrator:
     def __init__(self, config: CalibrationConfig, methods: list[Method], edges: set[str]):
         self.config, self.methods, self.edges = config, methods, edges
         self.acc: dict[str, _Accumulator] = {}
+        self.weights: dict[str, TargetScales] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
         self.batches_seen = 0
@@ -129,6 +133,10 @@ class _Calibrator:
         bits = self.bits_for(target)
         if bits is None:
             self.skipped.add(target.id)
+            return
+        if target.kind == "weight":
+            if target.id not in self.weights:
+                self.weights[target.id] = weight_scales(target, tensor, bits, self.methods, self.config)
             return
         if not tensor.is_floating_point():
             return  # integer operands (e.g. index arithmetic) are not quantized activations
@@ -197,6 +205,7 @@ class _Calibrator:
                 methods,
                 acc.masked,
                 acc.shared_with,
+                param=acc.target.param,
             )
         return out
 
@@ -218,48 +227,81 @@ def bits_for(target: Target, config: CalibrationConfig, edges: set[str]) -> int 
     for pattern, bits in config.layer_bits:
         if fnmatch.fnmatchcase(target.id, pattern) or fnmatch.fnmatchcase(target.module, pattern):
             return bits
-    if config.first_last_bits and target.module in edges and target.op not in ("matmul", "sdpa"):
+    if config.first_last_bits and target.module in edges and target.is_layer:
         return config.first_last_bits
     return config.bits
 
 
+def weight_scales(
+    target: Target, weight: torch.Tensor, bits: int, methods: list[Method], config: CalibrationConfig
+) -> TargetScales:
+    """Every method's amax of one weight, per output channel (``target.axis``) unless per tensor."""
+    kept = target.axis if config.per_channel_weights else None
+    results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
+    return TargetScales(
+        target.module,
+        target.role,
+        target.op,
+        "weight",
+        bits,
+        True,
+        kept,
+        list(weight.shape),
+        {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
+        param=target.param,
+    )
+
+
 def calibrate(
     model: LoadedModel | nn.Module,
-    batches: Iterable[Batch],
+    batches: Iterable[Any],
     config: CalibrationConfig | None = None,
     *,
     seed: int | None = None,
     progress: Progress | None = None,
     total_batches: int | None = None,
 ) -> ScaleTable:
-    """Calibrate every Linear/Conv weight and input and every matmul operand of ``model``.
+    """Calibrate every weight-bearing op of ``model`` (weight and input) and every matmul operand.
 
-    ``batches`` (any iterable, consumed lazily; already on the model's device) are run in order;
-    each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done, total)``
-    reports 'batches' and 'weights'. Returns a ScaleTable for ``save_scales``.
+    ``batches`` (any iterable, consumed lazily; already on the model's device): tensors, dicts,
+    tuples whose first element is the input, ``Batch`` objects, or a DataLoader. They are run in
+    order; each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done,
+    total)`` reports 'batches' and 'weights'. Returns a ScaleTable for ``save_scales``; its
+    ``meta["uncovered"]`` lists every weight that no target calibrates, with the reason.
     """
     config = config or CalibrationConfig()
     methods = config.validate()
-    loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, "module", None)  # type: ignore[arg-type]
-    stream = iter(batches if loaded.hookable else ())
+    loaded = as_loaded(model)
+    stream = iter(batches_of(batches) if loaded.hookable else ())
     first = next(stream, None)
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
 
     _warm_up(methods, config)
-    # A discovery pass over the first batch finds the targets and the layer order (for first/last bits)
-    # and fails early, with the layer named, when the data does not fit the model.
+    # A discovery pass over the first batch finds the targets, the layer order (for first/last bits)
+    # and what every Parameter is used for, and fails early, with the layer named, when the data does
+    # not fit the model.
     found: list[Target] = []
+    uncovered: list[dict[str, Any]] = []
+    tied: dict[str, list[str]] = {}
     if first is not None:
-        with capture_activations(loaded, lambda t, _: found.append(t)) as run:
-            run(first)
-    weights = weight_targets(loaded.module)
-    layer_order = [t.module for t in dict.fromkeys(found) if t.role == "input"] or [
-        w[0].module for w in weights
+        with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
+            capture(first)
+        uncovered, tied = coverage(loaded.module, capture), capture.tied
+    fixed_weights = weight_targets(loaded.module)  # TorchScript and exported graphs: their weights by layer
+    layer_order = [t.module for t in dict.fromkeys(found) if t.is_layer and t.kind == "activation"] or [
+        t.module for t, _, _ in fixed_weights
     ]
     edges = {layer_order[0], layer_order[-1]} if layer_order else set()
     if loaded.hookable and not found:
-        raise CalibrationError("The model ran, but no Linear/Conv layer or matrix multiplication was seen.")
+        raise CalibrationError("The model ran, but no linear, convolution or matrix multiplication was seen.")
+    refused = [u for u in uncovered if u["category"] in STRICT_CATEGORIES]
+    if config.strict and refused:
+        raise CalibrationError(
+            f"{len(refused)} weights are read by ops octavcal does not calibrate: "
+            + "; ".join(f"'{u['parameter']}' ({u['reason']})" for u in refused[:3])
+            + ". Calibrate without strict mode to list them as uncovered."
+        )
     if any(t.op == "sdpa" for t in found):
         warnings.warn(
             "scaled_dot_product_attention hides its probabilities @ V product: only its query, key and value "
@@ -281,29 +323,19 @@ def calibrate(
                 if progress:
                     progress("batches", i + 1, total_batches)
     targets = calibrator.activation_scales()
-
-    for i, (target, weight, axis) in enumerate(weights):
+    for tid, entry in calibrator.weights.items():
+        entry.tied = tied.get(entry.param or "", [])
+        targets[tid] = entry
+    for i, (target, weight, _) in enumerate(fixed_weights):
         bits = bits_for(target, config, edges)
         if bits is None:
             calibrator.skipped.add(target.id)
             continue
-        kept = axis if config.per_channel_weights else None
-        results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
-        targets[target.id] = TargetScales(
-            target.module,
-            "weight",
-            target.op,
-            "weight",
-            bits,
-            True,
-            kept,
-            list(weight.shape),
-            {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
-        )
+        targets[target.id] = weight_scales(target, weight, bits, methods, config)
         if progress:
-            progress("weights", i + 1, len(weights))
+            progress("weights", i + 1, len(fixed_weights))
 
-    seen = [*calibrator.acc, *calibrator.skipped, *(t.id for t, _, _ in weights)]
+    seen = [*calibrator.acc, *calibrator.skipped, *targets]
     for pattern, _ in config.layer_bits:
         if not any(
             fnmatch.fnmatchcase(t, pattern) or fnmatch.fnmatchcase(t.split(":")[0], pattern) for t in seen
@@ -330,6 +362,7 @@ def calibrate(
         "model_format": loaded.format,
         "model_fingerprint": model_fingerprint(loaded.module),
         "skipped": sorted(calibrator.skipped),
+        "uncovered": uncovered,
         "note": loaded.note,
     }
     return ScaleTable(dict(sorted(targets.items())), meta)

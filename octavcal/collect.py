@@ -1,17 +1,20 @@
 """Find what to calibrate in a model and deliver its tensors, batch by batch, without editing it.
 
-Linear/Conv inputs come from forward pre-hooks; batched matmul operands (``torch.matmul``, ``bmm``,
-``@``) and scaled_dot_product_attention's Q, K, V from a TorchFunctionMode, named by the module that
-encloses the call. torch.export programs are walked node by node instead, with the same names.
-Every hook is removed on exit, also when a forward pass fails.
+One TorchFunctionMode decides what a target is, from the ops a forward pass runs: every linear,
+convolution, addmm/mm/matmul/bmm whose weight is a Parameter of the model (or a view of one) gives a
+weight target named after the Parameter and an input target; batched matmuls between activations and
+scaled_dot_product_attention give operand targets named by the enclosing module. Module hooks only
+keep that stack of module names. torch.export programs are walked node by node instead; TorchScript
+refuses hooks, so only its Linear/Conv weights are found. Everything is removed on exit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.fx
@@ -22,11 +25,17 @@ from torch.overrides import TorchFunctionMode
 from .errors import CalibrationError, OctavcalError
 from .loading import Batch, LoadedModel
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LAYER_TYPES = (nn.Linear, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)
-_SCRIPT_LAYER_NAMES = {t.__name__ for t in LAYER_TYPES}
-_MATMULS = {
+# Ops whose second argument is the weight, and the weight axis that holds output channels.
+_WEIGHT_SECOND = {
+    F.linear: ("linear", 0),
+    F.conv1d: ("conv1d", 0),
+    F.conv2d: ("conv2d", 0),
+    F.conv3d: ("conv3d", 0),
+    F.conv_transpose1d: ("conv_transpose1d", 1),
+    F.conv_transpose2d: ("conv_transpose2d", 1),
+    F.conv_transpose3d: ("conv_transpose3d", 1),
+}
+_MATMULS = {  # these count towards the matmul positions of their module (as in the ONNX graph)
     torch.matmul,
     torch.bmm,
     torch.Tensor.matmul,
@@ -34,59 +43,95 @@ _MATMULS = {
     torch.Tensor.__matmul__,
     torch.Tensor.__rmatmul__,
 }
+_PRODUCTS = {**{f: f.__name__ for f in _MATMULS}, torch.mm: "mm", torch.Tensor.mm: "mm"}
+_ADDMM = {torch.addmm, torch.Tensor.addmm}
+# What a Parameter that no calibrated op reads is used for, when it is one of these ops.
+_EMBEDDINGS = {"embedding", "embedding_bag"}
+_RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
+# Ops that multiply by a weight but that octavcal does not model: --strict refuses these.
+_UNMODELLED_PRODUCTS = {
+    "einsum", "baddbmm", "addbmm", "addmv", "mv", "bilinear", "tensordot", "conv_tbc", "dot", "inner",
+    "_native_multi_head_attention", "_transformer_encoder_layer_fwd", "scaled_dot_product_attention",
+}  # fmt: skip
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d)  # fmt: skip
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# TorchScript keeps a module's original class name; these are PyTorch's own layers, not user classes.
+_SCRIPT_LAYER_OPS = {"Linear": "linear", **{f"Conv{d}d": f"conv{d}d" for d in (1, 2, 3)},
+                     **{f"ConvTranspose{d}d": f"conv_transpose{d}d" for d in (1, 2, 3)}}  # fmt: skip
 _ATEN_LAYERS = {
-    torch.ops.aten.linear.default: "Linear",
-    torch.ops.aten.conv1d.default: "Conv1d",
-    torch.ops.aten.conv2d.default: "Conv2d",
-    torch.ops.aten.conv3d.default: "Conv3d",
+    torch.ops.aten.linear.default: "linear",
+    torch.ops.aten.conv1d.default: "conv1d",
+    torch.ops.aten.conv2d.default: "conv2d",
+    torch.ops.aten.conv3d.default: "conv3d",
 }
 _ATEN_MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 
 
 @dataclass(frozen=True)
 class Target:
-    """A calibrated tensor: module path and role ('weight', 'input', 'matmul0.lhs', 'sdpa0.query', ...)."""
+    """A calibrated tensor: module path and role ('weight', 'input', 'in_proj_weight', 'matmul0.lhs', ...).
+
+    ``param`` is the Parameter's name for a weight and for the input of the op that reads it;
+    ``axis`` is a weight's output-channel axis, from how the op uses it.
+    """
 
     module: str
     role: str
-    op: str  # 'Linear', 'Conv2d', 'matmul', 'sdpa', ...
+    op: str  # 'linear', 'conv2d', 'addmm', 'matmul', 'sdpa', ...
+    kind: str = "activation"  # 'weight' | 'activation'
+    param: str | None = None
+    axis: int | None = None
 
     @property
     def id(self) -> str:
         return f"{self.module or '<root>'}:{self.role}"
 
     @property
-    def kind(self) -> str:
-        return "weight" if self.role == "weight" else "activation"
+    def is_layer(self) -> bool:
+        """A weight or the input of the op that reads it (the first/last-layer rule applies to these)."""
+        return self.param is not None
 
 
 # Called with each tensor as it is seen; a returned tensor replaces it in the forward pass.
 Deliver = Callable[[Target, torch.Tensor], "torch.Tensor | None"]
 
 
-def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
-    """(target, weight, output-channel axis) for every Linear/Conv, in definition order.
+def weight_role(leaf: str) -> tuple[str, str]:
+    """Roles of a Parameter attribute and of its op's input: 'weight' -> ('weight', 'input'),
+    'in_proj_weight' -> ('in_proj_weight', 'in_proj_weight.input')."""
+    return (leaf, "input") if leaf == "weight" else (leaf, f"{leaf}.input")
 
-    TorchScript modules are recognised by their original class name; exported programs by walking
-    their graph (weights are the second argument of each linear/conv node).
+
+def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
+    """(target, weight, output-channel axis) of models whose forward cannot be watched, in order.
+
+    For eager modules the forward pass itself finds the weights (``capture_activations``); this is for
+    TorchScript (refuses hooks: its Linear/Conv by original class name) and exported programs (their
+    graph's linear/conv nodes, weight as second argument).
     """
     found: list[tuple[Target, torch.Tensor, int]] = []
-    if isinstance(model, torch.fx.GraphModule) and not any(
-        isinstance(m, LAYER_TYPES) for m in model.modules()
-    ):
-        for node in model.graph.nodes:
+    if _is_exported(model):
+        for node in model.graph.nodes:  # type: ignore[union-attr]
             if node.op == "call_function" and node.target in _ATEN_LAYERS and node.args[1].op == "get_attr":
                 weight = _get_attr(model, node.args[1].target)
-                found.append((Target(_node_module(node), "weight", _ATEN_LAYERS[node.target]), weight, 0))
+                module, op = _node_module(node), _ATEN_LAYERS[node.target]
+                found.append((Target(module, "weight", op, "weight", node.args[1].target, 0), weight, 0))
         return found
     for name, module in model.named_modules():
-        op = getattr(module, "original_name", type(module).__name__)
-        if isinstance(module, LAYER_TYPES) or (
-            isinstance(module, torch.jit.ScriptModule) and op in _SCRIPT_LAYER_NAMES
-        ):
-            axis = 1 if isinstance(module, TRANSPOSED_CONV_TYPES) or op.startswith("ConvTranspose") else 0
-            found.append((Target(name, "weight", op), module.weight.detach(), axis))
+        op = _SCRIPT_LAYER_OPS.get(getattr(module, "original_name", ""))
+        if isinstance(module, torch.jit.ScriptModule) and op is not None:
+            axis = 1 if op.startswith("conv_transpose") else 0
+            target = Target(name, "weight", op, "weight", f"{name}.weight" if name else "weight", axis)
+            found.append((target, module.weight.detach(), axis))
     return found
+
+
+def _is_exported(model: nn.Module) -> bool:
+    return isinstance(model, torch.fx.GraphModule) and not any(
+        isinstance(m, LAYER_TYPES) for m in model.modules()
+    )
 
 
 def _get_attr(model: nn.Module, dotted: str) -> torch.Tensor:
@@ -101,8 +146,52 @@ def _node_module(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+class _Params:
+    """The model's Parameters by identity, with every name each one has (tied weights have several)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names: dict[int, list[str]] = {}
+        self.tensors: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(name)
+            self.tensors[id(p)] = p
+
+    def owner_of(self, t: Any) -> nn.Parameter | None:
+        """The Parameter ``t`` is, or is a view of (MultiheadAttention chunks its in_proj_weight)."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        for candidate in (t, t._base):
+            if candidate is not None and self.tensors.get(id(candidate)) is candidate:
+                return self.tensors[id(candidate)]
+        return None
+
+    def name_in(self, p: nn.Parameter, stack: list[str]) -> str:
+        """The name under the innermost running module that holds ``p`` (``lm_head.weight`` for a head
+        tied to the embedding), else its first name."""
+        names = self.names[id(p)]
+        for module in reversed(stack):
+            for name in names:
+                if name.rpartition(".")[0] == module:
+                    return name
+        return names[0]
+
+
+@dataclass
+class Capture:
+    """``run(batch)`` runs one forward pass with capture on; afterwards ``uses`` holds, per Parameter
+    (first name), the ops that read it and ``calibrated`` the Parameters that became weight targets."""
+
+    run: Callable[..., Any]
+    uses: dict[str, set[str]] = field(default_factory=dict)
+    calibrated: set[str] = field(default_factory=set)
+    tied: dict[str, list[str]] = field(default_factory=dict)  # target param name -> its other names
+
+    def __call__(self, batch: Batch, grad: bool = False) -> Any:
+        return self.run(batch, grad)
+
+
 class _Positions:
-    """Counts matmul/sdpa calls per enclosing module within one forward pass, for stable names."""
+    """Counts matmul/sdpa calls per enclosing module, and weight-op calls per Parameter, in one forward."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
@@ -113,34 +202,136 @@ class _Positions:
         return i
 
 
-class _OperandMode(TorchFunctionMode):
-    """Sees torch.matmul/bmm/@ and scaled_dot_product_attention, which module hooks cannot."""
+def _never(*args: Any) -> bool:
+    return False
 
-    def __init__(self, stack: list[str], positions: _Positions, deliver: Deliver) -> None:
+
+class _CaptureMode(TorchFunctionMode):
+    """Sees every torch function call of a forward pass, which module hooks cannot."""
+
+    def __init__(self, capture: _State) -> None:
         super().__init__()
-        self.stack, self.positions, self.deliver = stack, positions, deliver
+        self.state = capture
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = dict(kwargs or {})
-        if func in _MATMULS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
-            swap = func is torch.Tensor.__rmatmul__
-            lhs, rhs = (args[1], args[0]) if swap else (args[0], args[1])
-            module = self.stack[-1]
-            i = self.positions.next(module, "matmul")
-            lhs = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
-            rhs = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs), rhs)
-            args = ((rhs, lhs) if swap else (lhs, rhs)) + tuple(args[2:])
+        state = self.state
+        if func is F.multi_head_attention_forward:
+            # A Python function that calls linear, sdpa and bmm: the mode is popped while this handler
+            # runs, so push it again, and keep the function's own dispatch check from calling us again.
+            with self, mock.patch.object(F, "has_torch_function", _never):
+                return func(*args, **kwargs)
+        args = tuple(args)
+        if func in _WEIGHT_SECOND and len(args) >= 2:
+            op, axis = _WEIGHT_SECOND[func]
+            args = state.weight_op(op, args, 0, 1, axis, kwargs)
+        elif func in _ADDMM and len(args) >= 3:
+            args = state.product("addmm", args, 1, 2, count=False)
+        elif func in _PRODUCTS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
+            swap = func is torch.Tensor.__rmatmul__  # a.__rmatmul__(b) is b @ a
+            args = state.product(
+                "matmul" if func in _MATMULS else _PRODUCTS[func],
+                args,
+                1 if swap else 0,
+                0 if swap else 1,
+                count=func in _MATMULS,
+            )
         elif func is F.scaled_dot_product_attention:
-            module = self.stack[-1]
-            i = self.positions.next(module, "sdpa")
-            args = list(args)
-            for j, name in enumerate(("query", "key", "value")):
-                where, key = (args, j) if j < len(args) else (kwargs, name)
-                if isinstance(where, list) or name in kwargs:
-                    where[key] = _or(
-                        self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key]
-                    )
+            args = state.sdpa(list(args), kwargs)
+        elif state.record_uses:
+            state.record(getattr(func, "__name__", str(func)), args, kwargs)
         return func(*args, **kwargs)
+
+
+class _State:
+    def __init__(self, model: nn.Module, deliver: Deliver, capture: Capture) -> None:
+        self.deliver, self.capture = deliver, capture
+        self.params = _Params(model)
+        self.modules = dict(model.named_modules())
+        self.stack: list[str] = [""]
+        self.positions = _Positions()
+        self.record_uses = True  # the first forward pass records what every Parameter is used for
+
+    def record(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                p = self.params.owner_of(t)
+                if p is not None:
+                    self.capture.uses.setdefault(self.params.names[id(p)][0], set()).add(op)
+
+    def weight_op(
+        self, op: str, args: tuple[Any, ...], xi: int, wi: int, axis: int, kwargs: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """Deliver the weight (a Parameter) and the input of one op; returns its (maybe replaced) args."""
+        x, w = args[xi], args[wi]
+        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+            return args
+        p = self.params.owner_of(w)
+        if p is None:  # a computed weight (QAT's parametrization): the input still belongs to the layer
+            if op == "matmul" or op == "mm" or op == "addmm":
+                return args
+            module = self.stack[-1]
+            k = self.positions.next(module, "input")
+            target = Target(module, f"input{k}" if k else "input", op, "activation", "")
+            return _replaced(args, xi, _or(self.deliver(target, x), x))
+        name = self.params.name_in(p, self.stack)
+        first = self.params.names[id(p)][0]
+        module, _, leaf = name.rpartition(".")
+        wrole, irole = weight_role(leaf)
+        k = self.positions.next(name, "input")
+        irole = f"{irole}{k}" if k else irole
+        if self.record_uses:
+            self.capture.uses.setdefault(first, set()).add(op)
+            self.capture.calibrated.add(first)
+            if len(self.params.names[id(p)]) > 1:
+                self.capture.tied[name] = [n for n in self.params.names[id(p)] if n != name]
+        if op != "matmul" and op != "mm" and op != "addmm":
+            _check_input(module or "<root>", self.modules.get(module), op, x, w, args, kwargs)
+        weight = self.deliver(Target(module, wrole, op, "weight", name, axis), p.detach())
+        if weight is not None:
+            args = _replaced(args, wi, weight if w is p else _same_view(weight, w, p))
+        new_x = self.deliver(Target(module, irole, op, "activation", name), x)
+        return _replaced(args, xi, _or(new_x, x))
+
+    def product(self, op: str, args: tuple[Any, ...], li: int, ri: int, count: bool) -> tuple[Any, ...]:
+        """A matrix product: with a Parameter operand it is a layer (transformers' Conv1D is an addmm
+        with the weight stored (in, out)); between activations its operands are targets."""
+        lhs, rhs = args[li], args[ri]
+        module = self.stack[-1]
+        i = self.positions.next(module, "matmul") if count else 0
+        rp, lp = self.params.owner_of(rhs), self.params.owner_of(lhs)
+        if rp is not None and rp.dim() >= 2:  # x @ W: output features along W's last axis
+            return self.weight_op(op, args, li, ri, rp.dim() - 1, {})
+        if lp is not None and lp.dim() >= 2:  # W @ x: output features along W's second-to-last axis
+            return self.weight_op(op, args, ri, li, lp.dim() - 2, {})
+        if not count:  # mm/addmm between activations were never targets (as in the ONNX graph's Gemm)
+            return args
+        new_l = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
+        new_r = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs), rhs)
+        return _replaced(_replaced(args, li, new_l), ri, new_r)
+
+    def sdpa(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        module = self.stack[-1]
+        i = self.positions.next(module, "sdpa")
+        for j, name in enumerate(("query", "key", "value")):
+            where: Any
+            where, key = (args, j) if j < len(args) else (kwargs, name)
+            if isinstance(where, list) or name in kwargs:
+                where[key] = _or(self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key])
+        return tuple(args)
+
+
+def _replaced(args: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
+    return args if args[i] is value else (*args[:i], value, *args[i + 1 :])
+
+
+def _same_view(full: torch.Tensor, view: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The slice of a replacement ``full`` that ``view`` is of ``param`` (same layout)."""
+    full = full.contiguous() if param.is_contiguous() else full
+    if full.stride() != param.stride():
+        raise CalibrationError("A view of a non-contiguous Parameter cannot be replaced.")
+    offset = full.storage_offset() + view.storage_offset() - param.storage_offset()
+    return full.as_strided(view.shape, view.stride(), offset)
 
 
 def _or(replacement: torch.Tensor | None, original: torch.Tensor) -> torch.Tensor:
@@ -148,32 +339,49 @@ def _or(replacement: torch.Tensor | None, original: torch.Tensor) -> torch.Tenso
     return original if replacement is None else replacement
 
 
-@contextmanager
-def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Callable[..., Any]]:
-    """Install capture on ``loaded.module`` and yield ``run(batch)``; everything is removed on exit.
+def _check_input(
+    name: str, module: nn.Module | None, op: str, x: torch.Tensor, w: torch.Tensor,
+    args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> None:  # fmt: skip
+    """Name the layer, the shape seen and the shape expected, before PyTorch's own error does less."""
+    kind = type(module).__name__ if module is not None else op
+    if op == "linear":
+        if x.dim() == 0 or x.shape[-1] != w.shape[-1]:
+            raise CalibrationError(
+                f"Layer '{name}' ({kind}) expects inputs of shape (..., {w.shape[-1]}); got {tuple(x.shape)}."
+            )
+        return
+    dims = w.dim() - 2
+    transposed = op.startswith("conv_transpose")
+    groups = int(kwargs.get("groups", args[6] if len(args) > 6 else 1))  # 7th argument of conv and its transpose
+    channels = w.shape[0] if transposed else w.shape[1] * groups
+    if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
+        raise CalibrationError(
+            f"Layer '{name}' ({kind}) expects inputs of shape (N, {channels}, "
+            f"{', '.join('...' for _ in range(dims))}); got {tuple(x.shape)}."
+        )
 
-    ``run`` raises CalibrationError naming the innermost module when the forward pass fails.
+
+@contextmanager
+def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Capture]:
+    """Install capture on ``loaded.module`` and yield a ``Capture``; everything is removed on exit.
+
+    ``deliver`` gets every weight (kind 'weight', the whole Parameter, on each call of its op) and
+    every activation target. Running raises CalibrationError naming the innermost module when the
+    forward pass fails.
     """
     model = loaded.module
-    if isinstance(model, torch.fx.GraphModule) and not any(
-        isinstance(m, LAYER_TYPES) for m in model.modules()
-    ):
-        yield _ExportRunner(model, deliver).run_batch
+    if _is_exported(model):
+        yield Capture(_ExportRunner(model, deliver).run_batch)  # type: ignore[arg-type]
         return
-    stack: list[str] = [""]
-    positions = _Positions()
-    failing: list[str] = []
     handles = []
+    capture = Capture(lambda batch, grad=False: None)
+    state = _State(model, deliver, capture)
+    stack = state.stack
 
-    def push(name: str) -> Callable[..., tuple[Any, ...] | None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def push(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             stack.append(name)
-            if isinstance(module, LAYER_TYPES) and args and isinstance(args[0], torch.Tensor):
-                _check_layer_input(name, module, args[0])
-                new = deliver(Target(name, "input", type(module).__name__), args[0])
-                if new is not None:
-                    return (new, *args[1:])
-            return None
 
         return hook
 
@@ -188,43 +396,57 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Calla
 
         def run(batch: Batch, grad: bool = False) -> Any:
             del stack[1:]
-            positions.counts.clear()
+            state.positions.counts.clear()
             try:
-                with (
-                    torch.set_grad_enabled(grad and torch.is_grad_enabled()),
-                    _OperandMode(stack, positions, deliver),
-                ):
+                with torch.set_grad_enabled(grad and torch.is_grad_enabled()), _CaptureMode(state):
                     return model(*batch.args, **batch.kwargs)
             except OctavcalError:
                 raise
             except Exception as exc:
-                failing[:] = stack[1:]
-                where = f"in module '{failing[-1]}'" if failing else "in the model's own forward"
+                where = f"in module '{stack[-1]}'" if len(stack) > 1 else "in the model's own forward"
                 raise CalibrationError(
                     f"The model failed {where} on a batch with inputs {batch.describe()}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                state.record_uses = False
 
-        yield run
+        capture.run = run
+        yield capture
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _check_layer_input(name: str, module: nn.Module, x: torch.Tensor) -> None:
-    """Name the layer, the shape seen and the shape expected, before PyTorch's own error does less."""
-    if isinstance(module, nn.Linear) and (x.dim() == 0 or x.shape[-1] != module.in_features):
-        raise CalibrationError(
-            f"Layer '{name}' (Linear) expects inputs of shape (..., {module.in_features}); "
-            f"got {tuple(x.shape)}."
-        )
-    if isinstance(module, (*CONV_TYPES, *TRANSPOSED_CONV_TYPES)):
-        dims = int(type(module).__name__[-2])
-        if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != module.in_channels:
-            raise CalibrationError(
-                f"Layer '{name}' ({type(module).__name__}) expects inputs of shape (N, {module.in_channels}, "
-                f"{', '.join('...' for _ in range(dims))}); got {tuple(x.shape)}."
-            )
+def coverage(model: nn.Module, capture: Capture) -> list[dict[str, Any]]:
+    """Every floating-point Parameter with 2 or more dimensions that no target calibrates, with why.
+
+    Categories: 'embedding' (a lookup table), 'recurrent' (LSTM/GRU/RNN weights), 'unmodelled' (a
+    product octavcal does not model, e.g. einsum), 'other-op' (read only by other ops, e.g. an added
+    position embedding) and 'unused' (never read in the forward pass that was watched).
+    """
+    out = []
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or not p.is_floating_point() or name in capture.calibrated:
+            continue
+        ops = sorted(capture.uses.get(name, ()))
+        if set(ops) & _EMBEDDINGS:
+            category, reason = "embedding", "embedding table (a lookup, not a product)"
+        elif set(ops) & _RECURRENT:
+            category, reason = "recurrent", f"recurrent weights ({', '.join(sorted(set(ops) & _RECURRENT))}), " \
+                "which octavcal does not model"
+        elif set(ops) & _UNMODELLED_PRODUCTS:
+            category = "unmodelled"
+            reason = f"read by {', '.join(sorted(set(ops) & _UNMODELLED_PRODUCTS))}, a product octavcal does not model"
+        elif ops:
+            category, reason = "other-op", f"read only by {', '.join(ops[:4])}, not a product with activations"
+        else:
+            category, reason = "unused", "never used in the forward pass"
+        out.append({"parameter": name, "shape": list(p.shape), "category": category, "reason": reason})
+    return out
+
+
+STRICT_CATEGORIES = ("recurrent", "unmodelled")
 
 
 class _ExportRunner(torch.fx.Interpreter):
@@ -235,6 +457,7 @@ class _ExportRunner(torch.fx.Interpreter):
         self.deliver = deliver
         self.positions = _Positions()
         self.current = ""
+        self.node: torch.fx.Node | None = None
 
     def run_batch(self, batch: Batch, grad: bool = False) -> Any:
         self.positions.counts.clear()
@@ -265,15 +488,17 @@ class _ExportRunner(torch.fx.Interpreter):
             ) from exc
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        self.current = _node_module(n)
+        self.current, self.node = _node_module(n), n
         return super().run_node(n)
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = self.current
         args = tuple(args)
         if target in _ATEN_LAYERS:
-            first = _or(self.deliver(Target(module, "input", _ATEN_LAYERS[target]), args[0]), args[0])
-            args = (first, *args[1:])
+            weight = self.node.args[1] if self.node is not None else None
+            param = weight.target if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
+            t = Target(module, "input", _ATEN_LAYERS[target], "activation", param)
+            args = (_or(self.deliver(t, args[0]), args[0]), *args[1:])
         elif target in _ATEN_MATMULS:
             i = self.positions.next(module, "matmul")
             lhs = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), args[0]), args[0])

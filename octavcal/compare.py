@@ -8,17 +8,19 @@ Nothing per element is kept.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .calibrate import CalibrationConfig, Progress, calibrate, without_padding
 from .collect import Target, capture_activations, weight_targets
 from .errors import CalibrationError
 from .grid import rows_from
-from .loading import Batch, LoadedModel
+from .loading import LoadedModel, as_loaded, batch_source
 from .methods import _sweep_sse
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
@@ -92,6 +94,14 @@ class _Evaluator:
         self.split = "calib"
         self.mask: torch.Tensor | None = None
         self.mask_padding = True
+        self.weights_seen: set[str] = set()
+
+    def add_weight(self, tid: str, weight: torch.Tensor) -> None:
+        """A weight is the same tensor on any data: measured once, for both splits."""
+        if tid not in self.weights_seen:
+            self.weights_seen.add(tid)
+            for split in ("calib", "heldout"):
+                self.add(tid, weight, split, with_curve=split == "calib")
 
     def add(self, tid: str, x: torch.Tensor, split: str, with_curve: bool) -> None:
         for bits, table in self.tables.items():
@@ -133,17 +143,20 @@ class _Evaluator:
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
         if not tensor.is_floating_point():
             return
+        if target.kind == "weight":
+            self.add_weight(target.id, tensor)
+            return
         x, _ = without_padding(tensor.detach(), self.mask)
         if x.numel():
             self.add(target.id, x, self.split, with_curve=self.split == "calib")
 
 
 def compare(
-    model: LoadedModel,
-    calib_batches: Callable[[], Iterable[Batch]],
-    heldout_batches: Callable[[], Iterable[Batch]] | None,
-    config: CalibrationConfig,
-    bits: list[int],
+    model: LoadedModel | nn.Module,
+    calib_batches: Callable[[], Iterable[Any]] | Iterable[Any],
+    heldout_batches: Callable[[], Iterable[Any]] | Iterable[Any] | None,
+    config: CalibrationConfig | None = None,
+    bits: list[int] | None = None,
     *,
     tables: dict[int, ScaleTable] | None = None,
     seed: int | None = None,
@@ -152,20 +165,19 @@ def compare(
 ) -> ComparisonReport:
     """Calibrate at every bit width (unless ``tables`` are given), then measure every method.
 
-    ``calib_batches``/``heldout_batches`` are called to get a fresh pass over the same batches.
+    ``calib_batches``/``heldout_batches``: functions giving a fresh pass over the same batches, or
+    re-iterable collections (a list, a DataLoader), of anything ``calibrate`` takes as a batch.
+    ``bits`` defaults to ``config.bits``.
     """
+    model = as_loaded(model)
+    config = config or CalibrationConfig()
+    bits = bits or [config.bits]
+    calib_batches = batch_source(calib_batches, "calibration batches")
+    heldout_batches = batch_source(heldout_batches, "held-out batches") if heldout_batches is not None else None
     if tables is None:
         tables = {}
         for b in bits:
-            cfg = CalibrationConfig(
-                b,
-                config.methods,
-                config.layer_bits,
-                config.first_last_bits,
-                config.per_channel_weights,
-                config.mask_padding,
-                config.convention,
-            )
+            cfg = dataclasses.replace(config, bits=b)
             tables[b] = calibrate(model, calib_batches(), cfg, seed=seed, progress=progress)
     evaluator = _Evaluator(tables, curve_points)
     evaluator.mask_padding = config.mask_padding
@@ -184,9 +196,8 @@ def compare(
                     counts[split] += 1
                     if progress:
                         progress(f"evaluating {split}", counts[split], None)
-    for target, weight, _ in weight_targets(model.module):
-        for split in ("calib", "heldout"):  # a weight is the same tensor on any data
-            evaluator.add(target.id, weight, split, with_curve=split == "calib")
+    for target, weight, _ in weight_targets(model.module):  # TorchScript and exported graphs
+        evaluator.add_weight(target.id, weight)
     if not evaluator.stats:
         raise CalibrationError("Nothing to compare: no target was calibrated.")
     return _assemble(tables, evaluator, bits, counts)

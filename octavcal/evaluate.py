@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .collect import capture_activations
 from .errors import CalibrationError
-from .loading import Batch, LoadedModel
+from .loading import LoadedModel, as_loaded, batch_source
 from .scales import ScaleTable
 from .simulate import apply_scales
 
@@ -45,17 +46,21 @@ def _output(out: Any) -> torch.Tensor:
 
 
 def evaluate(
-    model: LoadedModel,
+    model: LoadedModel | nn.Module,
     tables: list[ScaleTable],
-    batches: Callable[[], Iterable[Batch]],
+    batches: Callable[[], Iterable[Any]] | Iterable[Any],
     methods: list[str] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     names: list[str] | None = None,
 ) -> list[Fidelity]:
     """Run the float model and each (scale file, method) simulation on ``batches``; compare outputs.
 
-    ``names`` label the tables in the results (default: their position).
+    ``batches``: a function giving a pass over them, or a re-iterable collection (a list, a
+    DataLoader) of anything ``calibrate`` takes as a batch. ``names`` label the tables in the results
+    (default: their position).
     """
+    model = as_loaded(model)
+    batches = batch_source(batches)
     names = names or [str(i) for i in range(len(tables))]
     sims = []
     for name, table in zip(names, tables, strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import pickle
 import sys
 import warnings
@@ -123,13 +124,17 @@ def load_model(
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    hf_class: str | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint as a runnable module, detecting its format (README, "Model formats")."""
+    """Load a checkpoint as a runnable module, detecting its format (README, "Model formats").
+
+    ``hf_class`` picks the transformers class of a Hugging Face folder (default: the one its
+    config.json names under ``architectures``, else AutoModel)."""
     path = Path(path)
     if not path.exists():
         raise LoadError(f"Model file '{path}' does not exist.")
     if path.is_dir():
-        loaded = _load_huggingface(path)
+        loaded = _load_huggingface(path, hf_class)
     elif path.suffix == ".pt2":
         loaded = _load_export(path)
     elif path.suffix == ".safetensors":
@@ -257,8 +262,12 @@ def _load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(module, "torchscript", path, hookable=False, note=note)
 
 
-def _load_huggingface(path: Path) -> LoadedModel:
-    if not (path / "config.json").is_file():
+def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
+    """Load with the class ``config.json`` names in ``architectures`` (so an LM or classifier head is
+    part of the model), ``head`` when given, else AutoModel; eager attention so that sdpa does not
+    hide probabilities @ V."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise LoadError(f"Model folder '{path}' has no config.json; expected a Hugging Face model folder.")
     try:
         import transformers
@@ -266,13 +275,22 @@ def _load_huggingface(path: Path) -> LoadedModel:
         raise LoadError(
             f"Model folder '{path}' is a Hugging Face model; install transformers to load it."
         ) from exc
-    try:  # eager attention: scaled_dot_product_attention would hide probabilities @ V
-        module = transformers.AutoModel.from_pretrained(
-            path, local_files_only=True, attn_implementation="eager"
-        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"Model folder '{path}': config.json is not readable JSON: {exc}.") from exc
+    named = [head] if head else list(config.get("architectures") or []) if isinstance(config, dict) else []
+    cls = next((getattr(transformers, n) for n in named if isinstance(n, str) and hasattr(transformers, n)), None)
+    if head and cls is None:
+        raise LoadError(f"transformers has no model class {head!r} (asked for with the head option).")
+    cls = cls or transformers.AutoModel
+    try:
+        module = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     except Exception as exc:
         raise LoadError(f"Could not load the Hugging Face model in '{path}' offline: {exc}.") from exc
-    return LoadedModel(module, "huggingface", path)
+    return LoadedModel(module, "huggingface", path, note="" if cls is not transformers.AutoModel else (
+        "Loaded with AutoModel (config.json names no known architecture): task heads are not part of it."
+    ))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +411,43 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
         yield as_batch(item, f"batch {i} of {spec!r}")
 
 
+def as_loaded(model: Any) -> LoadedModel:
+    """A LoadedModel as it is, or an nn.Module wrapped as one (what the library functions accept)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"Expected an nn.Module or a loaded model; got a {type(model).__name__}.")
+    hookable = not isinstance(model, torch.jit.ScriptModule)
+    return LoadedModel(model, "module", None, hookable=hookable)
+
+
+def batches_of(items: Iterable[Any]) -> Iterator[Batch]:
+    """Batches from any iterable (a list, a generator, a DataLoader), one at a time, by ``as_batch``."""
+    if isinstance(items, (torch.Tensor, dict, Batch)):
+        raise LoadError(
+            f"Batches must be an iterable of batches (a list, a generator or a DataLoader); got one "
+            f"{type(items).__name__}. Wrap a single batch in a list."
+        )
+    for i, item in enumerate(items):
+        yield as_batch(item, f"Batch {i}")
+
+
+def batch_source(source: Any, what: str = "batches") -> Callable[[], Iterator[Batch]]:
+    """A function giving a fresh pass over ``source``: a callable returning batches, or a re-iterable
+    collection of them (a list, a DataLoader). A one-shot iterator cannot be passed over twice."""
+    if callable(source) and not isinstance(source, (torch.Tensor, nn.Module)):
+        return lambda: batches_of(source())
+    if isinstance(source, Iterator):
+        raise LoadError(
+            f"The {what} are a one-shot iterator, but they are passed over more than once; give a list, "
+            "a DataLoader or a function returning the batches."
+        )
+    return lambda: batches_of(source)
+
+
 def as_batch(item: Any, where: str) -> Batch:
+    """The CLI's and the library's one rule: a tensor is the input; a dict holds keyword inputs (and
+    labels); a tuple or list holds the input first (a tensor or a dict), then labels."""
     if isinstance(item, Batch):
         return item
     if isinstance(item, torch.Tensor):

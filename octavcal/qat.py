@@ -162,7 +162,9 @@ class QATModel(nn.Module):
         self.weight_quantizers: dict[str, _Quantizer] = {}
 
     def _activation(self, target: Target, x: torch.Tensor) -> torch.Tensor | None:
-        if not x.is_floating_point() or (target.op in ("matmul", "sdpa") and not self.config.matmuls):
+        if target.kind == "weight":  # weights are quantized by their parametrization, not here
+            return None
+        if not x.is_floating_point() or (not target.is_layer and not self.config.matmuls):
             return None
         q = self.activation_quantizers.get(target.id)
         if q is None:
@@ -185,7 +187,7 @@ class QATModel(nn.Module):
         if target.module in self.config.skip:
             return None
         edges: set[str] = getattr(self, "_edges", set())
-        if self.config.first_last_bits and target.module in edges and target.op not in ("matmul", "sdpa"):
+        if self.config.first_last_bits and target.module in edges and target.is_layer:
             return self.config.first_last_bits
         return self.config.bits
 
@@ -276,7 +278,7 @@ def prepare_qat(
         edges = {order[0], order[-1]} if order else set()
     wrapper._edges = edges  # type: ignore[assignment]
     for name, module in layers:
-        target = Target(name, "weight", type(module).__name__)
+        target = Target(name, "weight", type(module).__name__, "weight", f"{name}.weight")
         bits_w = wrapper._bits(target)
         if bits_w is None:
             continue

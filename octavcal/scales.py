@@ -22,7 +22,9 @@ from .files import atomic_write
 from .grid import Grid
 
 FORMAT_NAME = "octavcal.scales"
-FORMAT_VERSION = 1
+# 2: targets are ops on Parameters ('param', 'tied', lower-case op names such as 'linear', 'addmm'),
+# and meta lists the weights left uncovered; version 1 files are still read.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -52,6 +54,8 @@ class TargetScales:
     methods: dict[str, MethodScales] = field(default_factory=dict)
     masked: bool = False  # padded positions left out (activations with an attention mask)
     shared_with: str | None = None  # the target whose identical input was computed once
+    param: str | None = None  # the Parameter a weight is, or whose op reads this input (format 2)
+    tied: list[str] = field(default_factory=list)  # other names of a tied weight (format 2)
 
     @property
     def id(self) -> str:
@@ -80,6 +84,8 @@ class TargetScales:
             "shape": self.shape,
             "masked": self.masked,
             "shared_with": self.shared_with,
+            "param": self.param,
+            "tied": self.tied,
             "methods": sorted(self.methods),
         }
 
@@ -203,6 +209,8 @@ def _targets_from(
             methods=methods,
             masked=d["masked"],
             shared_with=d["shared_with"],
+            param=d.get("param"),
+            tied=list(d.get("tied") or []),
         )
     return targets
 

@@ -173,7 +173,7 @@ class ParamMatmul(torch.nn.Module):
         return (a @ h.transpose(-1, -2)).sum(-1)
 
 
-def test_matmul_with_a_parameter_operand_keeps_positions(tmp_path):
+def test_matmul_with_a_parameter_operand_is_a_layer_and_keeps_positions(tmp_path):
     torch.manual_seed(0)
     model = ParamMatmul().eval()
     x = torch.randn(5, 4, 6)
@@ -182,7 +182,10 @@ def test_matmul_with_a_parameter_operand_keeps_positions(tmp_path):
     loaded = LoadedModel(model, "module", None)
     table = octavcal.calibrate(loaded, [Batch((x,))], CalibrationConfig(bits=8, methods=("octav",)))
     mapping = export_qdq(loaded, table, "octav", Batch((x,)), tmp_path / "m.onnx")
-    assert {"<root>:matmul0.rhs", "<root>:matmul1.lhs"} <= set(mapping["targets"])
+    # x @ self.w is a layer: a weight target named after the Parameter, and its input
+    assert {"<root>:w", "<root>:w.input", "<root>:matmul1.lhs"} <= set(mapping["targets"])
+    assert "<root>:matmul0.rhs" not in table.targets
+    assert table.targets["<root>:w"].kind == "weight" and table.targets["<root>:w"].axis == 1
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     out = ort.InferenceSession(str(tmp_path / "m.onnx"), options).run(None, {"input0": x.numpy()})[0]

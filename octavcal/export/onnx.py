@@ -10,6 +10,7 @@ offline and quantized per output channel (``axis`` of QuantizeLinear).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import tempfile
@@ -95,21 +96,87 @@ def _edge(
     )
 
 
-def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarget]:
-    """Match every target of ``table`` to a node input of ``graph`` by module scope and call order."""
+def _initializers_by_value(graph: Any) -> dict[tuple[tuple[int, ...], bytes], str]:
+    """Float initializers with 2+ dimensions by (shape, digest of their float32 bytes)."""
+    from onnx import numpy_helper
+
+    out = {}
+    for init in graph.initializer:
+        if len(init.dims) >= 2:
+            a = numpy_helper.to_array(init)
+            if a.dtype.kind == "f":
+                out.setdefault(_digest(a), init.name)
+    return out
+
+
+def _digest(a: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return tuple(a.shape), hashlib.sha1(a.tobytes()).digest()
+
+
+def _param_edges(
+    graph: Any, params: dict[str, torch.Tensor], by_value: dict[tuple[tuple[int, ...], bytes], str]
+) -> dict[str, tuple[list[tuple[Any, int]], bool]]:
+    """Per Parameter name: the layer nodes reading its initializer, with the weight's input index, in
+    graph (= call) order, and whether the initializer holds it transposed (a MatMul's W^T)."""
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        if node.op_type in _LAYER_OPS:
+            for index, name in enumerate(node.input[:2]):
+                consumers.setdefault(name, []).append((node, index))
+    out = {}
+    for pname, p in params.items():
+        w = p.detach().to("cpu", torch.float32).numpy()
+        for transposed, value in ((False, w), (True, w.T if w.ndim == 2 else None)):
+            init = by_value.get(_digest(value)) if value is not None else None
+            if init is not None and init in consumers:
+                out[pname] = (consumers[init], transposed)
+                break
+    return out
+
+
+def locate_targets(
+    graph: Any, table: ScaleTable, method: str, params: dict[str, torch.Tensor] | None = None
+) -> list[OnnxTarget]:
+    """Match every target of ``table`` to node inputs of ``graph``.
+
+    A weight (and its op's input) is found by the value of its Parameter among the initializers, so
+    names and scopes do not matter: the k-th layer node reading it is the op's k-th call. Matmul
+    operands between activations are found by module scope and call order.
+    """
     by_scope: dict[str, list[Any]] = {}
     for node in graph.node:
         by_scope.setdefault(_scope(node.name), []).append(node)
     initializers = {init.name: init for init in graph.initializer}
+    wanted = {e.param for e in table.targets.values() if e.param}
+    edges = _param_edges(
+        graph, {k: v for k, v in (params or {}).items() if k in wanted}, _initializers_by_value(graph)
+    )
     found, missing = [], []
     for tid, entry in table.targets.items():
         if method not in entry.methods:
             continue
-        nodes = by_scope.get(entry.module, [])
-        layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
         amax = entry.methods[method].amax.reshape(-1)
         scale = (amax / entry.grid(table.convention).qmax).tolist()
-        if entry.role in ("input", "weight") and layer:
+        if entry.param:
+            if entry.param not in edges:
+                missing.append(tid)
+                continue
+            readers, transposed = edges[entry.param]
+            if entry.kind == "weight":
+                axis = None if entry.axis is None else (1 - entry.axis if transposed else entry.axis)
+                found += [_edge(tid, entry, node, index, axis, scale) for node, index in readers]
+                continue
+            call = int(entry.role.rpartition("input")[2] or 0)
+            if call >= len(readers):
+                missing.append(tid)
+                continue
+            node, index = readers[call]
+            found.append(_edge(tid, entry, node, 1 - index if node.op_type in ("Gemm", "MatMul") else 0, None, scale))
+            continue
+        nodes = by_scope.get(entry.module, [])
+        layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
+        if entry.role in ("input", "weight") and layer:  # version 1 files and exported programs
             node = layer[0]
             index = 0 if entry.role == "input" else 1
             axis = None
@@ -138,8 +205,9 @@ def locate_targets(graph: Any, table: ScaleTable, method: str) -> list[OnnxTarge
     if missing:
         raise ScaleFileError(
             f"{len(missing)} targets have no counterpart in the exported ONNX graph: "
-            f"{', '.join(missing[:5])}. "
-            "sdpa operands export as one fused op; use explicit-matmul (eager) attention."
+            f"{', '.join(missing[:5])}. A weight must reach a Gemm, MatMul or Conv as an initializer "
+            "(a sliced weight, as in cross-attention's in-projection, does not); sdpa operands export as "
+            "one fused op: use explicit-matmul (eager) attention."
         )
     return found
 
@@ -242,12 +310,12 @@ def _checked(model: LoadedModel, table: ScaleTable, method: str) -> None:
 
 
 def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: list[str]) -> dict[str, Any]:
-    return {
-        "method": method,
-        "inputs": inputs,
-        "grid": table.meta.get("grid"),
-        "targets": {
-            t.target: {
+    """Targets -> ONNX edges; a weight read by several nodes (tied, or shared layers) lists them all."""
+    out: dict[str, Any] = {}
+    for t in targets:
+        row = out.setdefault(
+            t.target,
+            {
                 "onnx_node": t.node,
                 "input_index": t.input_index,
                 "onnx_tensor": t.tensor,
@@ -255,10 +323,15 @@ def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: 
                 "signed": t.signed,
                 "axis": t.axis,
                 "scale": t.scale,
-            }
-            for t in targets
-        },
-    }
+                "onnx_nodes": [],
+            },
+        )
+        row["onnx_nodes"].append(t.node)
+    return {"method": method, "inputs": inputs, "grid": table.meta.get("grid"), "targets": out}
+
+
+def _params(model: LoadedModel) -> dict[str, torch.Tensor]:
+    return dict(model.module.named_parameters(remove_duplicate=False))
 
 
 def _float_graph(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> tuple[Any, list[str]]:
@@ -277,7 +350,8 @@ def export_float(
 ) -> dict[str, Any]:
     """Write the float ONNX model (for TensorRT with a calibration cache); returns the target mapping."""
     onnx_model, inputs = _float_graph(model, table, method, batch)
-    mapping = _mapping(locate_targets(onnx_model.graph, table, method), table, method, inputs)
+    targets = locate_targets(onnx_model.graph, table, method, _params(model))
+    mapping = _mapping(targets, table, method, inputs)
     atomic_write(Path(path), onnx_model.SerializeToString())
     return mapping
 
@@ -289,7 +363,7 @@ def export_qdq(
     import onnx
 
     onnx_model, inputs = _float_graph(model, table, method, batch)
-    targets = locate_targets(onnx_model.graph, table, method)
+    targets = locate_targets(onnx_model.graph, table, method, _params(model))
     insert_qdq(onnx_model, targets, table)
     onnx.checker.check_model(onnx_model)
     mapping = _mapping(targets, table, method, inputs)
