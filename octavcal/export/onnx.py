@@ -44,6 +44,22 @@ class OnnxTarget:
     scale: list[float]
 
 
+class _TensorInputs(torch.nn.Module):
+    """Calls the model with the batch's tensors only, so that other forward arguments keep their Python
+    defaults in the traced graph instead of becoming graph inputs (a Hugging Face ``logits_to_keep``)."""
+
+    def __init__(self, model: torch.nn.Module, positional: int, keys: list[str], fixed: dict[str, Any]):
+        super().__init__()
+        self.model, self.positional, self.keys, self.fixed = model, positional, keys, fixed
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        named = dict(zip(self.keys, tensors[self.positional :], strict=True))
+        return self.model(*tensors[: self.positional], **named, **self.fixed)
+
+
+_WRAPPER_SCOPE = "model"  # the model's scope inside _TensorInputs, dropped from ONNX node names
+
+
 def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]:
     """Export ``model`` to ONNX with a dynamic first (batch) dimension; returns the input names."""
     module = model.module
@@ -52,14 +68,16 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
             f"ONNX export needs an eager nn.Module (state_dict + architecture, pickle or Hugging Face); "
             f"got a {model.format} model."
         )
-    # Keyword inputs become graph inputs in the forward signature's order, not the data file's.
-    order = [p for p in inspect.signature(module.forward).parameters if p in batch.kwargs]
-    kwargs = {k: batch.kwargs[k] for k in order + [k for k in batch.kwargs if k not in order]}
+    signature = inspect.signature(module.forward).parameters
+    kwargs = {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}
+    # A Hugging Face model returns its key/value cache, which the exporter cannot trace.
+    fixed = {"use_cache": False} if "use_cache" in signature and "use_cache" not in batch.kwargs else {}
+    fixed |= {k: v for k, v in batch.kwargs.items() if k not in kwargs}
     names = [f"input{i}" for i in range(len(batch.args))] + list(kwargs)
-    example: tuple[Any, ...] = (*batch.args, kwargs) if kwargs else tuple(batch.args)
+    wrapper = _TensorInputs(module, len(batch.args), list(kwargs), fixed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _export_checked(module, example, path, names)
+        _export_checked(wrapper, (*batch.args, *kwargs.values()), path, names)
     return names
 
 
@@ -85,6 +103,8 @@ def _export_checked(module: torch.nn.Module, example: tuple[Any, ...], path: Pat
 def _scope(node_name: str) -> str:
     """'/layers.0/attention/query/MatMul' -> 'layers.0.attention.query' (the module path)."""
     parts = [p for p in node_name.split("/") if p]
+    if parts and parts[0] == _WRAPPER_SCOPE:
+        parts = parts[1:]
     return ".".join(parts[:-1])
 
 

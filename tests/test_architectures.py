@@ -1,0 +1,405 @@
+"""The architecture matrix: real layer types and Hugging Face families built offline from configs.
+
+For every model, an independent reference (a TorchDispatchMode written here, watching the aten
+products that read a Parameter's storage) counts the weight-bearing op calls of one forward pass.
+calibrate must cover each of them (a weight target and one input target per call) or list its
+Parameter as uncovered; evaluate at 8 bits must keep the output close to the float model; the ONNX
+QDQ export must run in ONNX Runtime and match the simulation, or refuse with a one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import octavcal
+from octavcal import CalibrationConfig, CalibrationError, OctavcalError
+from octavcal.evaluate import evaluate
+from octavcal.loading import Batch, LoadedModel
+
+# aten products (after PyTorch's own decompositions) whose operands can be weights
+_PRODUCTS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.mkldnn_rnn_layer.default,
+}
+
+
+class ProductReference(TorchDispatchMode):
+    """Counts, per Parameter, the aten products that read its storage (whatever view they read)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.storages = {}
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.is_floating_point():
+                self.storages[p.untyped_storage().data_ptr()] = name
+        self.calls: dict[str, int] = {}
+        self.other: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else (x,))]
+        names = {
+            self.storages.get(a.untyped_storage().data_ptr())
+            for a in flat
+            if isinstance(a, torch.Tensor) and a.device.type != "meta"
+        } - {None}
+        for name in names:
+            if func in _PRODUCTS or any(w in str(func) for w in ("lstm", "rnn", "gru", "attention", "transformer")):
+                self.calls[name] = self.calls.get(name, 0) + 1
+            else:
+                self.other.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def reference_products(model: nn.Module, batch: Batch) -> dict[str, int]:
+    """With gradients on, as in training, so PyTorch's fused inference fast paths stay out of the way."""
+    ref = ProductReference(model)
+    with torch.enable_grad(), ref:
+        model(*batch.args, **batch.kwargs)
+    return ref.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own layers and user layers
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A 'same padding' Conv2d subclass, as in EfficientNet ports: pads in forward, then convolves."""
+
+    def forward(self, x):
+        pad = (self.kernel_size[0] - 1) // 2
+        return F.conv2d(F.pad(x, (pad, pad, pad, pad)), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SamePadConv2d(3, 8, 3)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.grouped(torch.relu(self.depthwise(x))))
+        x = self.up(x)
+        return self.head(x.mean((2, 3)))
+
+
+class Conv1d3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.c3 = nn.Conv3d(6, 4, 3, padding=1)
+
+    def forward(self, x):  # (N, 3, L) -> (N, 4)
+        h = torch.relu(self.c1(x))
+        return self.c3(h[:, :, None, None, :].expand(-1, -1, 3, 3, -1)).mean((2, 3, 4))
+
+
+class GatedLinear(nn.Module):
+    """A user layer calling F.linear on its own Parameters (LoRA-style low-rank update, a gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 12) * 0.2)
+        self.lora_a = nn.Parameter(torch.randn(4, 12) * 0.2)
+        self.lora_b = nn.Parameter(torch.randn(16, 4) * 0.2)
+        self.gate = nn.Parameter(torch.randn(16, 12) * 0.2)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        return y * torch.sigmoid(F.linear(x, self.gate))
+
+
+class WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.proj(x))
+        return self.out(h[:, -1])
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention with distinct query and memory: its in-projection is used in slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x.flip(1), x.flip(1), need_weights=False)[0]
+
+
+def _torch_models() -> dict[str, tuple]:
+    g = torch.Generator().manual_seed(0)
+
+    def encoder():
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    return {
+        "nn.TransformerEncoder": (encoder, lambda: torch.randn(8, 16, 16, generator=g)),
+        "conv subclass, depthwise, grouped, transposed": (Convs, lambda: torch.randn(2, 3, 8, 8, generator=g)),
+        "Conv1d and Conv3d": (Conv1d3d, lambda: torch.randn(2, 3, 7, generator=g)),
+        "F.linear on own Parameters": (GatedLinear, lambda: torch.randn(2, 5, 12, generator=g)),
+        "LSTM": (WithLSTM, lambda: torch.randn(2, 4, 6, generator=g)),
+        "MultiheadAttention (cross)": (CrossAttention, lambda: torch.randn(8, 16, 16, generator=g)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face families, random weights from tiny configs (no hub)
+
+
+def _hf_models() -> dict[str, tuple]:
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    g = torch.Generator().manual_seed(0)
+
+    def ids(vocab, t=8):
+        return torch.randint(3, vocab, (2, t), generator=g)
+
+    def hf(kind, cls, **kw):
+        def build():
+            torch.manual_seed(0)
+            config = transformers.AutoConfig.for_model(kind, **kw)
+            config._attn_implementation = "eager"
+            return getattr(transformers, cls)(config)
+
+        return build
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return {
+        "BERT": (
+            hf("bert", "BertForSequenceClassification", vocab_size=100, **small),
+            lambda: {"input_ids": ids(100), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+        ),
+        "GPT-2": (
+            hf("gpt2", "GPT2LMHeadModel", vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+            lambda: {"input_ids": ids(100), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+        ),
+        "LLaMA": (
+            hf("llama", "LlamaForCausalLM", vocab_size=100, num_key_value_heads=2, **small),
+            lambda: {"input_ids": ids(100), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+        ),
+        "T5": (
+            hf("t5", "T5ForConditionalGeneration", vocab_size=100, d_model=32, d_kv=8, d_ff=64,
+               num_layers=2, num_heads=4),
+            lambda: {"input_ids": ids(100), "decoder_input_ids": ids(100, 4)},
+        ),
+        "ViT": (
+            hf("vit", "ViTForImageClassification", image_size=16, patch_size=4, num_channels=3, **small),
+            lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)},
+        ),
+        "Whisper": (
+            hf("whisper", "WhisperForConditionalGeneration", vocab_size=100, d_model=32, encoder_layers=1,
+               decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+               decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
+               pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2),
+            lambda: {
+                "input_features": torch.randn(2, 8, 32, generator=g),
+                "decoder_input_ids": ids(100, 4),
+                "decoder_attention_mask": torch.ones(2, 4, dtype=torch.long),
+            },
+        ),
+    }  # fmt: skip
+
+
+TORCH_MODELS = list(_torch_models())
+HF_MODELS = ["BERT", "GPT-2", "LLaMA", "T5", "ViT", "Whisper"]
+# What each model leaves uncovered (by category), and why that is right.
+EXPECTED_UNCOVERED = {
+    "LSTM": {"recurrent"},  # lstm.weight_ih_l0 / weight_hh_l0
+    "BERT": {"embedding"},
+    "GPT-2": {"embedding"},  # wpe; wte is the LM head's tied weight, calibrated there
+    "LLaMA": {"embedding"},
+    "T5": {"embedding"},  # shared (tied to the encoder/decoder lookups) and relative_attention_bias
+    "ViT": {"other-op"},  # cls_token (cat) and position_embeddings (add)
+    "Whisper": {"embedding", "other-op"},  # the decoder's positions are indexed, not looked up
+}
+
+
+def _build(name: str):
+    table = {**_torch_models(), **(_hf_models() if name in HF_MODELS else {})}
+    build, data = table[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    batches = [octavcal.loading.as_batch(data(), "batch") for _ in range(3)]
+    return model, batches
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, batches = _build(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                table = octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=("octav", "max")))
+            cache[name] = (model, batches, table)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", TORCH_MODELS + HF_MODELS)
+def test_every_weight_bearing_op_is_calibrated_or_listed(name, calibrated):
+    model, batches, table = calibrated(name)
+    reference = reference_products(model, batches[0])
+    assert reference, "the reference saw no product with a weight"
+    names = {}  # every name of every Parameter -> its first name (tied weights have several)
+    firsts = {id(p): n for n, p in model.named_parameters()}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names[n] = firsts[id(p)]
+    weights = {names[e.param]: tid for tid, e in table.targets.items() if e.kind == "weight"}
+    inputs: dict[str, int] = {}
+    for e in table.targets.values():
+        if e.kind == "activation" and e.param:
+            inputs[names[e.param]] = inputs.get(names[e.param], 0) + 1
+    uncovered = {u["parameter"]: u for u in table.meta["uncovered"]}
+    for param, calls in reference.items():
+        if param in weights:
+            # one input target per call of the op in a forward pass
+            assert inputs.get(param) == calls, (param, inputs.get(param), calls)
+        else:
+            assert param in uncovered, f"{param} is read by a product but neither calibrated nor listed"
+    assert set(weights) <= set(reference), "a weight target the reference never saw multiplied"
+    # every floating-point Parameter with 2+ dims is either calibrated or listed, never both
+    for n, p in model.named_parameters():
+        if p.dim() >= 2 and p.is_floating_point():
+            assert (n in weights) != (n in uncovered), n
+    assert {u["category"] for u in uncovered.values()} == EXPECTED_UNCOVERED.get(name, set())
+
+
+@pytest.mark.parametrize("name", TORCH_MODELS + HF_MODELS)
+def test_simulation_at_8_bits_stays_close_to_the_float_model(name, calibrated):
+    model, batches, table = calibrated(name)
+    (row,) = evaluate(model, [table], batches, ["octav"])
+    assert math.isfinite(row.sqnr_db) and row.sqnr_db > 20, row
+    # the simulation quantizes every weight target: the outputs differ from float
+    assert row.mse > 0
+
+
+@pytest.mark.parametrize("name", TORCH_MODELS + HF_MODELS)
+def test_onnx_export_runs_in_onnxruntime_or_refuses_clearly(name, calibrated, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from octavcal.export.onnx import export_qdq
+
+    model, batches, table = calibrated(name)
+    loaded = LoadedModel(model, "module", None)
+    try:
+        mapping = export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    except OctavcalError as exc:
+        message = str(exc)
+        assert "\n" not in message and "Traceback" not in message
+        assert name in REFUSED, f"{name} refused: {message}"
+        assert REFUSED[name] in message, message
+        assert not (tmp_path / "m.onnx").exists()
+        return
+    assert name not in REFUSED
+    assert set(mapping["targets"]) == set(table.targets)
+    batch = batches[1]
+    feeds = {f"input{i}": a.numpy() for i, a in enumerate(batch.args)}
+    feeds |= {k: v.numpy() for k, v in batch.kwargs.items()}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options)
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+    out = session.run(None, feeds)[0]
+    with torch.no_grad():
+        ref = octavcal.apply_scales(model, table, "octav")(*batch.args, **batch.kwargs)
+    ref = ref if isinstance(ref, torch.Tensor) else (ref.logits if hasattr(ref, "logits") else ref[0])
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+# Models whose export is refused, and the words of the refusal.
+REFUSED = {
+    # sdpa's query/key/value export as a decomposed attention with scaling in between
+    "nn.TransformerEncoder": "sdpa operands export as one fused op",
+    # q, k and v projections read slices of in_proj_weight: no initializer is the weight
+    "MultiheadAttention (cross)": "a sliced weight",
+}
+
+
+def test_strict_refuses_a_weight_bearing_op_octavcal_does_not_model():
+    model, batches = _build("LSTM")
+    with pytest.raises(CalibrationError, match=r"'lstm\.weight_ih_l0' \(recurrent weights \(lstm\)"):
+        octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=("max",), strict=True))
+    # an embedding table is a lookup, not an op strict refuses
+    if "BERT" in HF_MODELS and _has_transformers():
+        model, batches = _build("BERT")
+        octavcal.calibrate(model, batches[:1], CalibrationConfig(bits=8, methods=("max",), strict=True))
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_tied_lm_head_is_one_weight_target_noted_as_tied(calibrated):
+    pytest.importorskip("transformers")
+    model, _, table = calibrated("GPT-2")
+    head = table.targets["lm_head:weight"]
+    assert head.tied == ["transformer.wte.weight"]
+    assert not any(e.param == "transformer.wte.weight" for e in table.targets.values())
+    # GPT-2's Conv1D stores (in, out) and runs addmm: output features are along dim 1
+    c_attn = table.targets["transformer.h.0.attn.c_attn:weight"]
+    w = model.transformer.h[0].attn.c_attn.weight.detach()
+    assert c_attn.op == "addmm" and c_attn.axis == 1
+    torch.testing.assert_close(c_attn.methods["max"].amax, w.abs().amax(0))
+
+
+def test_multihead_attention_in_projection_and_its_calls():
+    model, batches = _build("nn.TransformerEncoder")
+    table = octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=("max",)))
+    attn = "layers.0.self_attn"
+    assert table.targets[f"{attn}:in_proj_weight"].shape == [48, 16]
+    x = batches[0].args[0]
+    # the in-projection reads the layer's input (norm_first=False: the encoder input itself)
+    assert table.targets[f"{attn}:in_proj_weight.input"].methods["max"].per_batch[0] == x.abs().max()
+    assert f"{attn}.out_proj:input" in table.targets
+    assert {f"{attn}:sdpa0.query", f"{attn}:sdpa0.key", f"{attn}:sdpa0.value"} <= set(table.targets)
+    cross = octavcal.calibrate(*_build("MultiheadAttention (cross)"), CalibrationConfig(bits=8, methods=("max",)))
+    assert {"attn:in_proj_weight.input", "attn:in_proj_weight.input1", "attn:in_proj_weight.input2"} <= set(
+        cross.targets
+    )
+
+
+def test_library_takes_plain_tensors_tuples_dicts_and_dataloaders():
+    model, _ = _build("conv subclass, depthwise, grouped, transposed")
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+    config = CalibrationConfig(bits=8, methods=("max",))
+    plain = octavcal.calibrate(model, xs, config)
+    tuples = octavcal.calibrate(model, [(x, torch.zeros(4)) for x in xs], config)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(xs)), batch_size=4)
+    from_loader = octavcal.calibrate(model, loader, config)
+    for tid, entry in plain.targets.items():
+        for other in (tuples, from_loader):
+            torch.testing.assert_close(other.targets[tid].methods["max"].amax, entry.methods["max"].amax)
+    with pytest.raises(octavcal.LoadError, match="Batch 0 is a str"):
+        octavcal.calibrate(model, ["not a tensor"], config)
+    rows = octavcal.evaluate(model, [plain], xs, ["max"])
+    assert rows[0].samples == 8
