@@ -28,9 +28,9 @@ __version__ = "0.1.0"
 from .calibrate import CalibrationConfig, calibrate
 from .compare import compare
 from .evaluate import evaluate
-from .simulate import apply_scales
 from .loading import Batch, load_data, load_model
 from .scales import ScaleTable, load_scales, save_scales
+from .simulate import apply_scales
 
 __all__ = [
     "Batch",

@@ -87,6 +87,10 @@ def parse_bits_list(text: str) -> list[int]:
 DEVICE_HELP = "cpu or cuda [default: cuda when available]."
 PICKLE_HELP = "Load a pickled nn.Module (runs code from the file: trusted files only)."
 ARCH_HELP = "package.module:callable (or file.py:callable) that builds the module for a state_dict."
+HF_CLASS_HELP = (
+    "transformers class for a Hugging Face folder [default: the one config.json names under "
+    "'architectures', else AutoModel]."
+)
 
 DTYPES = {
     "float32": torch.float32,
@@ -138,6 +142,10 @@ def main() -> None:
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--hf-class", help=HF_CLASS_HELP)
+@click.option(
+    "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
 @friendly_errors
@@ -159,10 +167,15 @@ def calibrate_command(
     device: str | None,
     dtype: str | None,
     allow_pickle: bool,
+    hf_class: str | None,
+    strict: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Calibrate MODEL's clipping scalars on calibration data and write a scale file.
+
+    Every linear, convolution and matrix product with a weight is calibrated (weight and input), and
+    every matmul between activations; weights that cannot be are listed with the reason.
 
     \b
     Example:
@@ -178,11 +191,17 @@ def calibrate_command(
         per_channel_weights=not per_tensor_weights,
         mask_padding=not keep_padding,
         convention=convention,
+        strict=strict,
     )
     config.validate()
     dev = resolve_device(device)
     loaded = load_model(
-        model, arch=arch, allow_pickle=allow_pickle, device=dev, dtype=DTYPES[dtype] if dtype else None
+        model,
+        arch=arch,
+        allow_pickle=allow_pickle,
+        device=dev,
+        dtype=DTYPES[dtype] if dtype else None,
+        hf_class=hf_class,
     )
     calib, _ = _batch_sources(
         data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
@@ -278,6 +297,7 @@ def _batch_sources(
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
 @click.option("--device", help=DEVICE_HELP)
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--hf-class", help=HF_CLASS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
 @friendly_errors
@@ -300,6 +320,7 @@ def compare_command(
     no_plots: bool,
     device: str | None,
     allow_pickle: bool,
+    hf_class: str | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -320,7 +341,7 @@ def compare_command(
     )
     config.validate()
     dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
     tables = None
     if scales is not None:
         table = load_scales(scales)
@@ -387,6 +408,7 @@ def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
 @click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
 @click.option("--device", help=DEVICE_HELP)
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--hf-class", help=HF_CLASS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
 @friendly_errors
@@ -405,6 +427,7 @@ def evaluate_command(
     out: Path | None,
     device: str | None,
     allow_pickle: bool,
+    hf_class: str | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -417,7 +440,7 @@ def evaluate_command(
           --calib-data sample_models/digits_cnn.calib.safetensors --bits 4,6,8
     """
     dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
     method_list = methods.split(",") if methods else None
     if scale_files:
         tables = [load_scales(p) for p in scale_files]
@@ -470,6 +493,7 @@ def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--arch", help=ARCH_HELP),
             click.option("--batch-size", default=2, show_default=True, type=int),
             click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+            click.option("--hf-class", help=HF_CLASS_HELP),
             click.option("-o", "--output", required=True, type=click.Path(path_type=Path)),
         ]
     ):
@@ -488,6 +512,7 @@ def export_onnx_command(
     arch: str | None,
     batch_size: int,
     allow_pickle: bool,
+    hf_class: str | None,
     output: Path,
 ) -> None:
     """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
@@ -503,7 +528,7 @@ def export_onnx_command(
     """
     from .export.onnx import export_qdq, ort_overrides
 
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
     mapping = export_qdq(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), output)
@@ -529,6 +554,7 @@ def export_trt_command(
     arch: str | None,
     batch_size: int,
     allow_pickle: bool,
+    hf_class: str | None,
     output: Path,
     onnx_path: Path | None,
 ) -> None:
@@ -542,7 +568,7 @@ def export_trt_command(
     from .export.onnx import export_float
     from .export.tensorrt import calibration_cache
 
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle)
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
     onnx_path = onnx_path or output.with_suffix(".onnx")

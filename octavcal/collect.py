@@ -47,7 +47,16 @@ _PRODUCTS = {**{f: f.__name__ for f in _MATMULS}, torch.mm: "mm", torch.Tensor.m
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
 # What a Parameter that no calibrated op reads is used for, when it is one of these ops.
 _EMBEDDINGS = {"embedding", "embedding_bag"}
-_RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
+_RECURRENT = {
+    "lstm",
+    "gru",
+    "rnn_tanh",
+    "rnn_relu",
+    "lstm_cell",
+    "gru_cell",
+    "rnn_tanh_cell",
+    "rnn_relu_cell",
+}
 # Ops that multiply by a weight but that octavcal does not model: --strict refuses these.
 _UNMODELLED_PRODUCTS = {
     "einsum", "baddbmm", "addbmm", "addmv", "mv", "bilinear", "tensordot", "conv_tbc", "dot", "inner",
@@ -120,8 +129,9 @@ def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
                 found.append((Target(module, "weight", op, "weight", node.args[1].target, 0), weight, 0))
         return found
     for name, module in model.named_modules():
-        op = _SCRIPT_LAYER_OPS.get(getattr(module, "original_name", ""))
-        if isinstance(module, torch.jit.ScriptModule) and op is not None:
+        script_op = _SCRIPT_LAYER_OPS.get(getattr(module, "original_name", ""))
+        if isinstance(module, torch.jit.ScriptModule) and script_op is not None:
+            op = script_op
             axis = 1 if op.startswith("conv_transpose") else 0
             target = Target(name, "weight", op, "weight", f"{name}.weight" if name else "weight", axis)
             found.append((target, module.weight.detach(), axis))
@@ -317,7 +327,9 @@ class _State:
             where: Any
             where, key = (args, j) if j < len(args) else (kwargs, name)
             if isinstance(where, list) or name in kwargs:
-                where[key] = _or(self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key])
+                where[key] = _or(
+                    self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key]
+                )
         return tuple(args)
 
 
@@ -353,7 +365,9 @@ def _check_input(
         return
     dims = w.dim() - 2
     transposed = op.startswith("conv_transpose")
-    groups = int(kwargs.get("groups", args[6] if len(args) > 6 else 1))  # 7th argument of conv and its transpose
+    groups = int(
+        kwargs.get("groups", args[6] if len(args) > 6 else 1)
+    )  # 7th argument of conv and its transpose
     channels = w.shape[0] if transposed else w.shape[1] * groups
     if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
         raise CalibrationError(
@@ -433,13 +447,19 @@ def coverage(model: nn.Module, capture: Capture) -> list[dict[str, Any]]:
         if set(ops) & _EMBEDDINGS:
             category, reason = "embedding", "embedding table (a lookup, not a product)"
         elif set(ops) & _RECURRENT:
-            category, reason = "recurrent", f"recurrent weights ({', '.join(sorted(set(ops) & _RECURRENT))}), " \
-                "which octavcal does not model"
+            category, reason = (
+                "recurrent",
+                f"recurrent weights ({', '.join(sorted(set(ops) & _RECURRENT))}), "
+                "which octavcal does not model",
+            )
         elif set(ops) & _UNMODELLED_PRODUCTS:
-            category = "unmodelled"
-            reason = f"read by {', '.join(sorted(set(ops) & _UNMODELLED_PRODUCTS))}, a product octavcal does not model"
+            products = ", ".join(sorted(set(ops) & _UNMODELLED_PRODUCTS))
+            category, reason = "unmodelled", f"read by {products}, a product octavcal does not model"
         elif ops:
-            category, reason = "other-op", f"read only by {', '.join(ops[:4])}, not a product with activations"
+            category, reason = (
+                "other-op",
+                f"read only by {', '.join(ops[:4])}, not a product with activations",
+            )
         else:
             category, reason = "unused", "never used in the forward pass"
         out.append({"parameter": name, "shape": list(p.shape), "category": category, "reason": reason})
@@ -496,7 +516,9 @@ class _ExportRunner(torch.fx.Interpreter):
         args = tuple(args)
         if target in _ATEN_LAYERS:
             weight = self.node.args[1] if self.node is not None else None
-            param = weight.target if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
+            param = (
+                str(weight.target) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
+            )
             t = Target(module, "input", _ATEN_LAYERS[target], "activation", param)
             args = (_or(self.deliver(t, args[0]), args[0]), *args[1:])
         elif target in _ATEN_MATMULS:

@@ -173,7 +173,9 @@ def compare(
     config = config or CalibrationConfig()
     bits = bits or [config.bits]
     calib_batches = batch_source(calib_batches, "calibration batches")
-    heldout_batches = batch_source(heldout_batches, "held-out batches") if heldout_batches is not None else None
+    heldout_batches = (
+        batch_source(heldout_batches, "held-out batches") if heldout_batches is not None else None
+    )
     if tables is None:
         tables = {}
         for b in bits:

@@ -280,7 +280,9 @@ def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise LoadError(f"Model folder '{path}': config.json is not readable JSON: {exc}.") from exc
     named = [head] if head else list(config.get("architectures") or []) if isinstance(config, dict) else []
-    cls = next((getattr(transformers, n) for n in named if isinstance(n, str) and hasattr(transformers, n)), None)
+    cls = next(
+        (getattr(transformers, n) for n in named if isinstance(n, str) and hasattr(transformers, n)), None
+    )
     if head and cls is None:
         raise LoadError(f"transformers has no model class {head!r} (asked for with the head option).")
     cls = cls or transformers.AutoModel
@@ -288,9 +290,16 @@ def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
         module = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     except Exception as exc:
         raise LoadError(f"Could not load the Hugging Face model in '{path}' offline: {exc}.") from exc
-    return LoadedModel(module, "huggingface", path, note="" if cls is not transformers.AutoModel else (
-        "Loaded with AutoModel (config.json names no known architecture): task heads are not part of it."
-    ))
+    return LoadedModel(
+        module,
+        "huggingface",
+        path,
+        note=""
+        if cls is not transformers.AutoModel
+        else (
+            "Loaded with AutoModel (config.json names no known architecture): task heads are not part of it."
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

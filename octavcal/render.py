@@ -65,6 +65,8 @@ def scales_summary(
         "unsigned": sorted(t for t, e in table.targets.items() if not e.signed),
         "masked": sorted(t for t, e in table.targets.items() if e.masked),
         "skipped": table.meta.get("skipped", []),
+        "uncovered": table.meta.get("uncovered", []),
+        "tied": {t: e.tied for t, e in sorted(table.targets.items()) if e.tied},
         "methods": table.methods,
         "seconds_per_method": {k: round(v, 6) for k, v in seconds.items()},
         "meta": {k: v for k, v in table.meta.items() if k != "targets"},
@@ -114,7 +116,23 @@ def render_calibration(table: ScaleTable, path: Path) -> None:
         console.print(f"Padding left out of {len(summary['masked'])} targets (attention_mask == 0).")
     if summary["skipped"]:
         console.print(f"Skipped: {', '.join(summary['skipped'])}")
+    for tid, others in summary["tied"].items():
+        console.print(f"Tied: {tid} is also {', '.join(others)} (one weight target)")
+    render_uncovered(summary["uncovered"])
     console.print(f"Wrote {path}")
+
+
+def render_uncovered(uncovered: list[dict[str, Any]]) -> None:
+    """The weights no target calibrates, with why: never a silent partial scale file."""
+    if not uncovered:
+        console.print("Coverage: every weight (floating point, 2+ dimensions) is calibrated.")
+        return
+    tbl = Table(title=f"Not calibrated: {len(uncovered)} weights")
+    for col in ("parameter", "shape", "reason"):
+        tbl.add_column(col, overflow="fold")
+    for u in uncovered:
+        tbl.add_row(u["parameter"], "x".join(map(str, u["shape"])), u["reason"])
+    console.print(tbl)
 
 
 def render_scales(table: ScaleTable, method: str | None) -> None:

@@ -9,6 +9,7 @@ QDQ export must run in ONNX Runtime and match the simulation, or refuse with a o
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -55,7 +56,9 @@ class ProductReference(TorchDispatchMode):
             if isinstance(a, torch.Tensor) and a.device.type != "meta"
         } - {None}
         for name in names:
-            if func in _PRODUCTS or any(w in str(func) for w in ("lstm", "rnn", "gru", "attention", "transformer")):
+            if func in _PRODUCTS or any(
+                w in str(func) for w in ("lstm", "rnn", "gru", "attention", "transformer")
+            ):
                 self.calls[name] = self.calls.get(name, 0) + 1
             else:
                 self.other.add(name)
@@ -79,7 +82,9 @@ class SamePadConv2d(nn.Conv2d):
 
     def forward(self, x):
         pad = (self.kernel_size[0] - 1) // 2
-        return F.conv2d(F.pad(x, (pad, pad, pad, pad)), self.weight, self.bias, self.stride, 0, 1, self.groups)
+        return F.conv2d(
+            F.pad(x, (pad, pad, pad, pad)), self.weight, self.bias, self.stride, 0, 1, self.groups
+        )
 
 
 class Convs(nn.Module):
@@ -156,7 +161,10 @@ def _torch_models() -> dict[str, tuple]:
 
     return {
         "nn.TransformerEncoder": (encoder, lambda: torch.randn(8, 16, 16, generator=g)),
-        "conv subclass, depthwise, grouped, transposed": (Convs, lambda: torch.randn(2, 3, 8, 8, generator=g)),
+        "conv subclass, depthwise, grouped, transposed": (
+            Convs,
+            lambda: torch.randn(2, 3, 8, 8, generator=g),
+        ),
         "Conv1d and Conv3d": (Conv1d3d, lambda: torch.randn(2, 3, 7, generator=g)),
         "F.linear on own Parameters": (GatedLinear, lambda: torch.randn(2, 5, 12, generator=g)),
         "LSTM": (WithLSTM, lambda: torch.randn(2, 4, 6, generator=g)),
@@ -254,7 +262,9 @@ def calibrated():
             model, batches = _build(name)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                table = octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=("octav", "max")))
+                table = octavcal.calibrate(
+                    model, batches, CalibrationConfig(bits=8, methods=("octav", "max"))
+                )
             cache[name] = (model, batches, table)
         return cache[name]
 
@@ -381,7 +391,9 @@ def test_multihead_attention_in_projection_and_its_calls():
     assert table.targets[f"{attn}:in_proj_weight.input"].methods["max"].per_batch[0] == x.abs().max()
     assert f"{attn}.out_proj:input" in table.targets
     assert {f"{attn}:sdpa0.query", f"{attn}:sdpa0.key", f"{attn}:sdpa0.value"} <= set(table.targets)
-    cross = octavcal.calibrate(*_build("MultiheadAttention (cross)"), CalibrationConfig(bits=8, methods=("max",)))
+    cross = octavcal.calibrate(
+        *_build("MultiheadAttention (cross)"), CalibrationConfig(bits=8, methods=("max",))
+    )
     assert {"attn:in_proj_weight.input", "attn:in_proj_weight.input1", "attn:in_proj_weight.input2"} <= set(
         cross.targets
     )
@@ -403,3 +415,148 @@ def test_library_takes_plain_tensors_tuples_dicts_and_dataloaders():
         octavcal.calibrate(model, ["not a tensor"], config)
     rows = octavcal.evaluate(model, [plain], xs, ["max"])
     assert rows[0].samples == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line on real architectures
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from octavcal.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+ARCH_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_architectures import Convs, WithLSTM
+
+def convs():
+    return Convs()
+
+def lstm():
+    return WithLSTM()
+"""
+
+
+@pytest.fixture
+def arch_file(tmp_path):
+    from pathlib import Path
+
+    path = tmp_path / "archs.py"
+    path.write_text(ARCH_FILE.format(tests=str(Path(__file__).parent)))
+    return path
+
+
+def test_cli_calibrates_compares_and_exports_a_conv2d_subclass(tmp_path, arch_file):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(Convs().state_dict(), tmp_path / "m.safetensors")
+    save_file({"x": torch.randn(64, 3, 8, 8)}, tmp_path / "x.safetensors")
+    common = ["--arch", f"{arch_file}:convs", "--data", tmp_path / "x.safetensors", "--batch-size", "16"]
+    result = _cli("calibrate", tmp_path / "m.safetensors", *common, "--batches", "2", "--methods", "octav,max",
+                  "-o", tmp_path / "s.safetensors", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["uncovered"] == [] and summary["weights"] == 5
+    table = octavcal.load_scales(tmp_path / "s.safetensors")
+    assert table.targets["stem:weight"].op == "conv2d" and table.targets["up:weight"].axis == 1
+    result = _cli("compare", tmp_path / "m.safetensors", *common, "--batches", "2", "--heldout-batches", "1",
+                  "--methods", "octav,max", "--bits", "8", "--no-plots", "--out", tmp_path / "r", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "stem:weight" in json.dumps(report) and "grouped:input" in json.dumps(report)
+    result = _cli("export", "onnx", tmp_path / "m.safetensors", "--arch", f"{arch_file}:convs",
+                  "--scales", tmp_path / "s.safetensors", "--data", tmp_path / "x.safetensors",
+                  "-o", tmp_path / "m.onnx")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "(10 quantized targets)" in result.stdout
+
+
+def test_cli_lists_uncovered_weights_and_strict_refuses_them(tmp_path, arch_file):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(WithLSTM().state_dict(), tmp_path / "m.safetensors")
+    save_file({"x": torch.randn(64, 4, 6)}, tmp_path / "x.safetensors")
+    args = ["calibrate", tmp_path / "m.safetensors", "--arch", f"{arch_file}:lstm", "--data",
+            tmp_path / "x.safetensors", "--batches", "2", "--methods", "max", "-o", tmp_path / "s.safetensors"]  # fmt: skip
+    result = _cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "Not calibrated: 2 weights" in result.stdout and "lstm.weight_hh_l0" in result.stdout
+    meta = octavcal.load_scales(tmp_path / "s.safetensors").meta
+    assert [u["parameter"] for u in meta["uncovered"]] == ["lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    (tmp_path / "s.safetensors").unlink()
+    result = _cli(*args, "--strict")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: 2 weights are read by ops octavcal does not calibrate: 'lstm.weight_ih_l0' (recurrent "
+        "weights (lstm), which octavcal does not model); 'lstm.weight_hh_l0' (recurrent weights (lstm), which "
+        "octavcal does not model). Calibrate without strict mode to list them as uncovered.\n"
+    )
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_cli_loads_a_hugging_face_folder_with_its_head(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    build, _ = _hf_models()["GPT-2"]
+    build().save_pretrained(tmp_path / "gpt2")
+    g = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, 100, (16, 8), generator=g)}, tmp_path / "ids.safetensors")
+    args = ["calibrate", tmp_path / "gpt2", "--data", tmp_path / "ids.safetensors", "--batches", "2",
+            "--batch-size", "4", "--methods", "max", "--json"]  # fmt: skip
+    with_head = json.loads(_cli(*args, "-o", tmp_path / "a.safetensors").stdout)
+    assert with_head["tied"] == {"lm_head:weight": ["transformer.wte.weight"]}
+    assert [u["parameter"] for u in with_head["uncovered"]] == ["transformer.wpe.weight"]
+    table = octavcal.load_scales(tmp_path / "a.safetensors")
+    assert (
+        "lm_head:input" in table.targets and table.targets["transformer.h.1.mlp.c_proj:weight"].op == "addmm"
+    )
+    bare = json.loads(_cli(*args, "--hf-class", "GPT2Model", "-o", tmp_path / "b.safetensors").stdout)
+    assert bare["weights"] == with_head["weights"] - 1 and not bare["tied"]
+    assert transformers.GPT2Model.__name__ == "GPT2Model"
+
+
+README_ROWS = {
+    "`nn.TransformerEncoder` (2 layers)": "nn.TransformerEncoder",
+    "Conv2d subclass, depthwise, grouped, ConvTranspose2d": "conv subclass, depthwise, grouped, transposed",
+    "Conv1d and Conv3d": "Conv1d and Conv3d",
+    "user layer: `F.linear` on its own Parameters": "F.linear on own Parameters",
+    "LSTM between two Linear": "LSTM",
+    "`nn.MultiheadAttention`, cross-attention": "MultiheadAttention (cross)",
+    "BERT (`BertForSequenceClassification`)": "BERT",
+    "GPT-2 (`GPT2LMHeadModel`, tied head)": "GPT-2",
+    "LLaMA (`LlamaForCausalLM`: GQA, rotary, RMSNorm)": "LLaMA",
+    "T5 (`T5ForConditionalGeneration`)": "T5",
+    "ViT (`ViTForImageClassification`, patch conv)": "ViT",
+    "Whisper (`WhisperForConditionalGeneration`, Conv1d front end)": "Whisper",
+}
+
+
+@pytest.mark.parametrize("label", list(README_ROWS))
+def test_the_readme_architecture_table_is_what_calibration_gives(label, calibrated):
+    from pathlib import Path
+
+    name = README_ROWS[label]
+    if name in HF_MODELS:
+        pytest.importorskip("transformers")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith(f"| {label} |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    _, _, table = calibrated(name)
+    weights = [e for e in table.targets.values() if e.kind == "weight"]
+    inputs = [e for e in table.targets.values() if e.kind == "activation" and e.param]
+    operands = [e for e in table.targets.values() if e.kind == "activation" and not e.param]
+    assert [int(c) for c in cells[1:4]] == [len(weights), len(inputs), len(operands)]
+    assert cells[4] == ", ".join(sorted({e.op for e in weights}))
+    assert (cells[5] == "-") == (not table.meta["uncovered"])
+    for u in table.meta["uncovered"]:
+        assert u["category"] in cells[5]
+    assert cells[6].startswith("refused") == (name in REFUSED)

@@ -125,3 +125,59 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_scales(table, tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+V1_OPS = {"linear": "Linear", "conv2d": "Conv2d", "matmul": "matmul", "sdpa": "sdpa"}
+
+
+def as_version_1(path):
+    """Rewrite a scale file's header as octavcal 0.1 wrote it (format 1: no param/tied/uncovered, ops by
+    module class), keeping the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["octavcal"])
+    tensors = load_file(path)
+    meta["format_version"] = 1
+    meta.pop("uncovered")
+    for d in meta["targets"].values():
+        d.pop("param"), d.pop("tied")
+        d["op"] = V1_OPS[d["op"]]
+    save_file(tensors, path, metadata={"octavcal": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_version_1_files_are_still_read_and_used(tmp_path, model, cnn_paths, transformer_paths):
+    import numpy as np
+
+    from octavcal import apply_scales
+    from octavcal.export.onnx import export_qdq
+
+    ort = pytest.importorskip("onnxruntime")
+    paths = cnn_paths if model == "cnn" else transformer_paths
+    table = table_for(paths)
+    path = save_scales(table, tmp_path / "s.safetensors")
+    as_version_1(path)
+    old = load_scales(path)
+    assert (
+        old.meta["format_version"] == 1
+        and old.targets["fc1:weight" if model == "cnn" else "classifier:weight"].param is None
+    )
+    loaded = load_model(paths["model"], arch=paths["arch"])
+    held = load_data(paths["heldout"]).batch(torch.arange(16))
+    with torch.no_grad():
+        new_out = apply_scales(loaded, table, "octav")(*held.args, **held.kwargs)
+        old_out = apply_scales(loaded, old, "octav")(*held.args, **held.kwargs)
+    torch.testing.assert_close(old_out, new_out, rtol=0, atol=0)
+    mapping = export_qdq(loaded, old, "octav", held, tmp_path / "m.onnx")
+    assert set(mapping["targets"]) == set(old.targets)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options)
+    feeds = {f"input{i}": a.numpy() for i, a in enumerate(held.args)} | {
+        k: v.numpy() for k, v in held.kwargs.items()
+    }
+    out = session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[
+        0
+    ]
+    np.testing.assert_allclose(out, new_out.numpy(), rtol=1e-4, atol=1e-4 * float(new_out.abs().max()))

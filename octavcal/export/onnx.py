@@ -120,7 +120,7 @@ def _initializers_by_value(graph: Any) -> dict[tuple[tuple[int, ...], bytes], st
     """Float initializers with 2+ dimensions by (shape, digest of their float32 bytes)."""
     from onnx import numpy_helper
 
-    out = {}
+    out: dict[tuple[tuple[int, ...], bytes], str] = {}
     for init in graph.initializer:
         if len(init.dims) >= 2:
             a = numpy_helper.to_array(init)
@@ -192,7 +192,9 @@ def locate_targets(
                 missing.append(tid)
                 continue
             node, index = readers[call]
-            found.append(_edge(tid, entry, node, 1 - index if node.op_type in ("Gemm", "MatMul") else 0, None, scale))
+            found.append(
+                _edge(tid, entry, node, 1 - index if node.op_type in ("Gemm", "MatMul") else 0, None, scale)
+            )
             continue
         nodes = by_scope.get(entry.module, [])
         layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
