@@ -45,6 +45,7 @@ _MATMULS = {  # these count towards the matmul positions of their module (as in 
 }
 _PRODUCTS = {**{f: f.__name__ for f in _MATMULS}, torch.mm: "mm", torch.Tensor.mm: "mm"}
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
+_BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}  # MultiheadAttention's masked q @ k^T
 # What a Parameter that no calibrated op reads is used for, when it is one of these ops.
 _EMBEDDINGS = {"embedding", "embedding_bag"}
 _RECURRENT = {
@@ -59,7 +60,7 @@ _RECURRENT = {
 }
 # Ops that multiply by a weight but that octavcal does not model: --strict refuses these.
 _UNMODELLED_PRODUCTS = {
-    "einsum", "baddbmm", "addbmm", "addmv", "mv", "bilinear", "tensordot", "conv_tbc", "dot", "inner",
+    "einsum", "addbmm", "addmv", "mv", "bilinear", "tensordot", "conv_tbc", "dot", "inner",
     "_native_multi_head_attention", "_transformer_encoder_layer_fwd", "scaled_dot_product_attention",
 }  # fmt: skip
 
@@ -237,6 +238,8 @@ class _CaptureMode(TorchFunctionMode):
             args = state.weight_op(op, args, 0, 1, axis, kwargs)
         elif func in _ADDMM and len(args) >= 3:
             args = state.product("addmm", args, 1, 2, count=False)
+        elif func in _BADDBMM and len(args) >= 3:
+            args = state.product("matmul", args, 1, 2, count=True)
         elif func in _PRODUCTS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
             swap = func is torch.Tensor.__rmatmul__  # a.__rmatmul__(b) is b @ a
             args = state.product(

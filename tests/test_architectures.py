@@ -560,3 +560,65 @@ def test_the_readme_architecture_table_is_what_calibration_gives(label, calibrat
     for u in table.meta["uncovered"]:
         assert u["category"] in cells[5]
     assert cells[6].startswith("refused") == (name in REFUSED)
+
+
+def test_multihead_attention_with_weights_and_a_mask_exposes_both_products():
+    mha = nn.MultiheadAttention(16, 2).eval()
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(5, 5)
+    mask[:, -1] = float("-inf")
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, attn_mask=mask, need_weights=True)[0]
+
+    table = octavcal.calibrate(Wrapped(), [x], CalibrationConfig(bits=8, methods=("max",)))
+    # q @ k^T runs as baddbmm (with the mask), probabilities @ v as bmm
+    assert {f"mha:matmul{i}.{s}" for i in (0, 1) for s in ("lhs", "rhs")} <= set(table.targets)
+    (row,) = evaluate(Wrapped(), [table], [x], ["max"])
+    assert row.sqnr_db > 25
+
+
+class EinsumLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(6, 4))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.einsum("bi,io->bo", x, self.proj))
+
+
+def test_an_einsum_weight_is_listed_as_unmodelled_and_strict_refuses_it():
+    x = [torch.randn(8, 6, generator=torch.Generator().manual_seed(0))]
+    table = octavcal.calibrate(EinsumLayer(), x, CalibrationConfig(bits=8, methods=("max",)))
+    assert table.meta["uncovered"] == [
+        {
+            "parameter": "proj",
+            "shape": [6, 4],
+            "category": "unmodelled",
+            "reason": "read by einsum, a product octavcal does not model",
+        }
+    ]
+    with pytest.raises(
+        CalibrationError, match=r"^1 weights are read by ops octavcal does not calibrate: 'proj'"
+    ):
+        octavcal.calibrate(EinsumLayer(), x, CalibrationConfig(bits=8, methods=("max",), strict=True))
+
+
+def test_compare_measures_every_target_of_a_gpt2(calibrated):
+    pytest.importorskip("transformers")
+    model, batches, table = calibrated("GPT-2")
+    report = octavcal.compare(model, batches, None, CalibrationConfig(bits=8, methods=("octav", "max")))
+    assert set(report.targets) == set(table.targets)
+    c_fc = report.targets["transformer.h.0.mlp.c_fc:weight"]
+    w = model.transformer.h[0].mlp.c_fc.weight.detach()
+    row = next(r for r in c_fc.rows if r.method == "max")
+    # the error of max-scaling per output feature (dim 1 of Conv1D's weight), recomputed in float64
+    step = w.abs().amax(0, keepdim=True).double() / 127
+    ref = ((w.double() / step).round().clamp(-127, 127) * step - w.double()).square().mean()
+    assert row.mse == pytest.approx(float(ref), rel=1e-6)
