@@ -1,36 +1,51 @@
 """octavcal: exact, fast clipping scalars (OCTAV, MSE sweep, percentiles, max) for quantization."""
 
-from .errors import (
-    CalibrationError,
-    DataError,
-    LoadError,
-    OctavcalError,
-    OctavcalWarning,
-    ScaleFileError,
-    SpecError,
-)
-from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
-from .methods import (
-    Method,
-    OctavResult,
-    analytic_mse,
-    compute_amax,
-    max_scaling,
-    mse_sweep,
-    octav,
-    parse_method,
-    parse_methods,
-    percentile,
-)
+import os as _os
+import sys as _sys
 
-__version__ = "0.1.0"
 
-from .calibrate import CalibrationConfig, calibrate
-from .compare import compare
-from .evaluate import evaluate
-from .loading import Batch, load_data, load_model
-from .scales import ScaleTable, load_scales, save_scales
-from .simulate import apply_scales
+def _interrupted_at_start_up() -> None:
+    """Ctrl-C while the command line is still importing torch: one line and exit 130, no traceback."""
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("octavcal", "__main__.py", "-m"):
+        _sys.stderr.write("Interrupted; no output was written.\n")
+        raise SystemExit(130)
+
+
+try:
+    from .errors import (
+        CalibrationError,
+        DataError,
+        LoadError,
+        OctavcalError,
+        OctavcalWarning,
+        ScaleFileError,
+        SpecError,
+    )
+    from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
+    from .methods import (
+        Method,
+        OctavResult,
+        analytic_mse,
+        compute_amax,
+        max_scaling,
+        mse_sweep,
+        octav,
+        parse_method,
+        parse_methods,
+        percentile,
+    )
+
+    __version__ = "0.1.0"
+
+    from .calibrate import CalibrationConfig, calibrate
+    from .compare import compare
+    from .evaluate import evaluate
+    from .loading import Batch, load_data, load_model
+    from .scales import ScaleTable, load_scales, save_scales
+    from .simulate import apply_scales
+except KeyboardInterrupt:
+    _interrupted_at_start_up()
+    raise
 
 __all__ = [
     "Batch",

@@ -7,7 +7,9 @@ with one batch, not with the number of batches. Weights are calibrated once.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import itertools
+import json
 import time
 import warnings
 import weakref
@@ -20,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
-from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
+from .errors import CalibrationError, DataError, OctavcalWarning, ScaleFileError, SpecError
 from .grid import CONVENTIONS, check_bits
 from .loading import Batch, LoadedModel, as_loaded, batches_of
 from .methods import Method, compute_amax, parse_methods
@@ -236,6 +238,12 @@ def weight_scales(
     target: Target, weight: torch.Tensor, bits: int, methods: list[Method], config: CalibrationConfig
 ) -> TargetScales:
     """Every method's amax of one weight, per output channel (``target.axis``) unless per tensor."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise DataError(
+            f"Weight '{target.id}' (Parameter '{target.param}') contains NaN or Inf ({bad} of "
+            f"{weight.numel()} values)."
+        )
     kept = target.axis if config.per_channel_weights else None
     results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
     return TargetScales(
@@ -250,6 +258,50 @@ def weight_scales(
         {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
         param=target.param,
     )
+
+
+def discover_targets(model: LoadedModel | nn.Module, batch: Any) -> list[Target]:
+    """The targets one forward pass over ``batch`` meets, in call order (each once)."""
+    loaded = as_loaded(model)
+    found: list[Target] = []
+    if not loaded.hookable:
+        return [t for t, _, _ in weight_targets(loaded.module)]
+    with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
+        capture(next(batches_of([batch])))
+    return list(dict.fromkeys(found)) + [t for t, _, _ in weight_targets(loaded.module)]
+
+
+def targets_fingerprint(targets: Iterable[Target]) -> str:
+    """sha256 over the targets' ids, ops and kinds: which tensors a scale file's scalars belong to."""
+    rows = sorted({(t.id, t.op, t.kind) for t in targets})
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def check_targets(table: ScaleTable, model: LoadedModel | nn.Module, batch: Any, path: Any = None) -> None:
+    """Refuse a scale file whose targets are not this model's (same weights, other attention code:
+    its matmul scales would land on other tensors), naming the first difference."""
+    found = {t.id: t for t in discover_targets(model, batch)}
+    calibrated = set(table.targets) | set(table.meta.get("skipped") or [])
+    what = f"Scale file '{path}'" if path is not None else "The scale table"
+    extra = sorted(calibrated - set(found))
+    missing = sorted(set(found) - calibrated)
+    if extra or missing:
+        first = (
+            f"the file has '{extra[0]}', which this model does not compute"
+            if extra
+            else f"this model computes '{missing[0]}', which the file does not have"
+        )
+        raise ScaleFileError(
+            f"{what} does not fit this model's targets ({len(extra)} only in the file, {len(missing)} only in "
+            f"the model; first: {first}). Calibrate this model, or pass its own scale file."
+        )
+    if int(table.meta.get("format_version", 2)) >= 2:
+        for tid, entry in table.targets.items():
+            if entry.op != found[tid].op or entry.kind != found[tid].kind:
+                raise ScaleFileError(
+                    f"{what} does not fit this model's targets: '{tid}' is a {entry.kind} of {entry.op} in "
+                    f"the file and a {found[tid].kind} of {found[tid].op} here. Calibrate this model."
+                )
 
 
 def calibrate(
@@ -361,6 +413,7 @@ def calibrate(
         "mask_padding": config.mask_padding,
         "model_format": loaded.format,
         "model_fingerprint": model_fingerprint(loaded.module),
+        "targets_fingerprint": targets_fingerprint(found),
         "skipped": sorted(calibrator.skipped),
         "uncovered": uncovered,
         "note": loaded.note,

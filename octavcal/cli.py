@@ -8,37 +8,74 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-import torch
+from . import _interrupted_at_start_up
 
-from . import __version__
-from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
-from .compare import compare, summarize
-from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
-from .evaluate import evaluate
-from .files import atomic_write
-from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
-from .render import (
-    console,
-    progress_bar,
-    render_calibration,
-    render_comparison,
-    render_evaluation,
-    render_scales,
-    scales_summary,
-)
-from .report import write_evaluation, write_report
-from .scales import check_fingerprint, load_scales, save_scales
+try:  # Ctrl-C while the command line is still importing: one line, exit 130
+    import click
+    import torch
+
+    from . import __version__
+    from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
+    from .compare import compare, summarize
+    from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
+    from .evaluate import evaluate
+    from .files import atomic_write, check_output, check_output_folder, output_set
+    from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
+    from .render import (
+        console,
+        progress_bar,
+        render_calibration,
+        render_comparison,
+        render_evaluation,
+        render_scales,
+        scales_summary,
+    )
+    from .report import write_evaluation, write_report
+    from .scales import check_fingerprint, load_scales, save_scales
+except KeyboardInterrupt:
+    _interrupted_at_start_up()
+    raise
+
+
+# Library messages name library arguments; the command line names its options instead.
+_OPTION_NAMES = {
+    "allow_pickle=True": "--allow-pickle",
+    "strict=True": "--strict",
+    "hf_class=": "--hf-class ",
+}
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[^.]+\.tmp$")
+
+
+def show_tracebacks() -> bool:
+    return os.environ.get("OCTAVCAL_TRACEBACK", "") not in ("", "0")
+
+
+def _with_options(message: str) -> str:
+    for library, option in _OPTION_NAMES.items():
+        message = message.replace(library, option)
+    return message
+
+
+def _intended(filename: str) -> str:
+    """An OSError on a temporary output names the file that was being written instead."""
+    path = Path(filename)
+    match = _TEMPORARY.match(path.name)
+    return str(path.with_name(match["name"])) if match else filename
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into 'Error: ...' (exit 1) and Ctrl-C into exit 130, never a traceback."""
+    """Turn library errors into 'Error: ...' (exit 1) and Ctrl-C into exit 130, never a traceback
+    (unless --traceback or OCTAVCAL_TRACEBACK=1). A command's output files appear all together, and
+    none of them when it fails."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,12 +85,15 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         warnings.showwarning = show_warning
         warnings.simplefilter("always", OctavcalWarning)
         try:
-            return fn(*args, **kwargs)
+            with output_set():
+                return fn(*args, **kwargs)
         except OctavcalError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            _traceback()
+            click.echo(f"Error: {_with_options(str(exc))}", err=True)
             sys.exit(1)
         except OSError as exc:  # an output that cannot be written, a file that cannot be read
-            where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+            _traceback()
+            where = f" '{_intended(str(exc.filename))}'" if getattr(exc, "filename", None) else ""
             click.echo(f"Error: Cannot use{where}: {exc.strerror or exc}.", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -61,6 +101,11 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+def _traceback() -> None:
+    if show_tracebacks():
+        traceback.print_exc()
 
 
 def resolve_device(device: str | None) -> str:
@@ -102,8 +147,13 @@ DTYPES = {
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="octavcal")
-def main() -> None:
+@click.option(
+    "--traceback", "show_traceback", is_flag=True, help="Show the full trace of an error (for debugging)."
+)
+def main(show_traceback: bool) -> None:
     """Post-training quantization calibration: OCTAV, MSE sweep, percentiles and max-scaling."""
+    if show_traceback:
+        os.environ["OCTAVCAL_TRACEBACK"] = "1"
 
 
 @main.command("calibrate")
@@ -194,6 +244,7 @@ def calibrate_command(
         strict=strict,
     )
     config.validate()
+    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
     dev = resolve_device(device)
     loaded = load_model(
         model,
@@ -207,7 +258,6 @@ def calibrate_command(
         data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
     )
     batches = calib()  # made one at a time, as calibration pulls them
-    output = output or model.with_name(model.stem + ".scales.safetensors")
     with progress_bar(quiet or as_json) as progress:
         table = calibrate(loaded, batches, config, seed=seed, progress=progress, total_batches=num_batches)
     if loaded.note:
@@ -340,6 +390,7 @@ def compare_command(
         bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
     )
     config.validate()
+    check_output_folder(out)
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
     tables = None
@@ -439,6 +490,8 @@ def evaluate_command(
           --data sample_models/digits_cnn.heldout.safetensors \\
           --calib-data sample_models/digits_cnn.calib.safetensors --bits 4,6,8
     """
+    if out is not None:
+        check_output_folder(out)
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
     method_list = methods.split(",") if methods else None
@@ -528,11 +581,13 @@ def export_onnx_command(
     """
     from .export.onnx import export_qdq, ort_overrides
 
+    overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
+    for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
+        check_output(path, [model, scales, data])
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
     mapping = export_qdq(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), output)
-    overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
     atomic_write(overrides, json.dumps(ort_overrides(table, method, mapping), indent=1))
     click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
 
@@ -568,14 +623,16 @@ def export_trt_command(
     from .export.onnx import export_float
     from .export.tensorrt import calibration_cache
 
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
-    table = load_scales(scales)
-    check_fingerprint(table, loaded.module, scales)
     onnx_path = onnx_path or output.with_suffix(".onnx")
     if onnx_path.resolve() == output.resolve():
         raise click.BadParameter(
             "the cache and the float ONNX model need different paths", param_hint="--onnx"
         )
+    for path in (output, onnx_path):
+        check_output(path, [model, scales, data])
+    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
+    table = load_scales(scales)
+    check_fingerprint(table, loaded.module, scales)
     mapping = export_float(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), onnx_path)
     text, skipped = calibration_cache(table, method, mapping)
     if len(text.splitlines()) < 2:

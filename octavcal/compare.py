@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationConfig, Progress, calibrate, without_padding
+from .calibrate import CalibrationConfig, Progress, calibrate, check_targets, without_padding
 from .collect import Target, capture_activations, weight_targets
 from .errors import CalibrationError
 from .grid import rows_from
@@ -176,7 +176,12 @@ def compare(
     heldout_batches = (
         batch_source(heldout_batches, "held-out batches") if heldout_batches is not None else None
     )
-    if tables is None:
+    if tables is not None:
+        first = next(iter(calib_batches()), None)
+        for table in tables.values():
+            if first is not None:
+                check_targets(table, model, first)
+    else:
         tables = {}
         for b in bits:
             cfg = dataclasses.replace(config, bits=b)

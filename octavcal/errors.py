@@ -25,5 +25,9 @@ class ScaleFileError(OctavcalError):
     """A scale file is missing, malformed, from a newer format, or from another model."""
 
 
+class OutputError(OctavcalError):
+    """An output path that cannot or must not be written (a folder, an input, not writable)."""
+
+
 class OctavcalWarning(UserWarning):
     """Something worth a user's attention that does not stop the run."""

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibrate import check_targets
 from .collect import capture_activations
-from .errors import CalibrationError
-from .loading import LoadedModel, as_loaded, batch_source
+from .errors import CalibrationError, DataError
+from .loading import Batch, LoadedModel, as_loaded, batch_source
 from .scales import ScaleTable
 from .simulate import apply_scales
 
@@ -45,6 +46,17 @@ def _output(out: Any) -> torch.Tensor:
     raise CalibrationError(f"Cannot compare model outputs of type {type(out).__name__}; expected a tensor.")
 
 
+def _check_finite(batch: Batch, index: int) -> None:
+    """NaN in held-out data would turn every metric into nan: refuse it, naming the input."""
+    named = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items())
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DataError(
+                f"Evaluation batch {index} has NaN or Inf in its input {name} ({bad} of {t.numel()} values)."
+            )
+
+
 def evaluate(
     model: LoadedModel | nn.Module,
     tables: list[ScaleTable],
@@ -61,9 +73,12 @@ def evaluate(
     """
     model = as_loaded(model)
     batches = batch_source(batches)
-    names = names or [str(i) for i in range(len(tables))]
+    labels = names or [str(i) for i in range(len(tables))]
+    first = next(iter(batches()), None)
     sims = []
-    for name, table in zip(names, tables, strict=True):
+    for name, table in zip(labels, tables, strict=True):
+        if first is not None:
+            check_targets(table, model, first, name if names else None)
         bits = int(table.meta.get("bits", 0))
         for method in methods or table.methods:
             sims.append((method, bits, name, apply_scales(model, table, method)))
@@ -71,6 +86,7 @@ def evaluate(
     float_correct = labelled = samples = 0
     with torch.no_grad(), capture_activations(model, lambda target, x: None) as float_run:
         for i, batch in enumerate(batches()):
+            _check_finite(batch, i)
             ref = _output(float_run(batch)).float()
             n = ref.shape[0]
             samples += n

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import pickle
 import sys
 import warnings
@@ -99,12 +100,31 @@ def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any
         raise
     except Exception as exc:
         raise LoadError(
-            f"Could not import the {what} module {target!r}: {type(exc).__name__}: {exc}."
+            f"Could not import the {what} module {target!r}: {type(exc).__name__}: {first_line(exc)}."
         ) from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise LoadError(f"The {what} {spec!r}: module {target!r} has no callable named {name!r}.")
     return fn  # type: ignore[no-any-return]
+
+
+def call_user_code(fn: Callable[[], Any], what: str) -> Any:
+    """Run a user's callable; what it raises becomes one LoadError naming it and the original error."""
+    try:
+        return fn()
+    except Exception as exc:
+        raise LoadError(f"{what} raised {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line, without PyTorch's advice to load with weights_only=False,
+    which is the wrong advice for a file nobody vouched for."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    unpickler = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    if unpickler:
+        return unpickler[0].removeprefix("WeightsUnpickler error:").strip()
+    kept = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return (kept or ["(no message)"])[0]
 
 
 def _cwd_importable() -> None:
@@ -171,7 +191,7 @@ def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{what} '{path}' is not a readable safetensors file: {exc}.") from exc
+        raise LoadError(f"{what} '{path}' is not a readable safetensors file: {first_line(exc)}.") from exc
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -186,28 +206,26 @@ def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> Loaded
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # junk bytes fail the same unpickler differently
-            raise LoadError(
-                f"Model file '{path}' is not a PyTorch checkpoint: {str(exc).splitlines()[0]}."
-            ) from exc
+            raise LoadError(f"Model file '{path}' is not a PyTorch checkpoint: {first_line(exc)}.") from exc
         if not allow_pickle:
             raise LoadError(
                 f"Model file '{path}' is a pickle that holds more than tensors (probably a whole "
                 "nn.Module), and loading it would run code from the file. Load it only if you trust "
-                "its source, by allowing pickles; or save a state_dict, a torch.export program or "
-                "TorchScript instead."
+                "its source, by allowing pickles (allow_pickle=True); or save a state_dict, a torch.export "
+                "program or TorchScript instead."
             ) from exc
         _cwd_importable()  # a pickled module refers to its classes by import path, as `python -m` sees them
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise LoadError(
-                f"Model file '{path}' could not be unpickled: {type(exc).__name__}: {exc}."
+                f"Model file '{path}' could not be unpickled: {type(exc).__name__}: {first_line(exc)}."
             ) from exc
     except LoadError:
         raise
     except Exception as exc:
         raise LoadError(
-            f"Model file '{path}' is not a PyTorch checkpoint: {type(exc).__name__}: {exc}."
+            f"Model file '{path}' is not a PyTorch checkpoint: {type(exc).__name__}: {first_line(exc)}."
         ) from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", path)
@@ -230,7 +248,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | Non
             f"Model file '{path}' holds only weights (a state_dict); name the architecture that "
             "builds the module, as package.module:callable."
         )
-    module = resolve_callable(arch)()
+    module = call_user_code(resolve_callable(arch), f"The architecture {arch!r}")
     if not isinstance(module, nn.Module):
         raise LoadError(f"The architecture {arch!r} returned a {type(module).__name__}, not an nn.Module.")
     result = module.load_state_dict(state, strict=False)
@@ -244,9 +262,12 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | Non
 
 def _load_export(path: Path) -> LoadedModel:
     try:
+        logging.disable(logging.CRITICAL)  # torch logs its own traceback for a corrupt archive
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise LoadError(f"Model file '{path}' is not a torch.export program: {exc}.") from exc
+        raise LoadError(f"Model file '{path}' is not a torch.export program: {first_line(exc)}.") from exc
+    finally:
+        logging.disable(logging.NOTSET)
     return LoadedModel(program.module(), "export", path)
 
 
@@ -254,7 +275,9 @@ def _load_torchscript(path: Path) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise LoadError(f"Model file '{path}' looks like TorchScript but does not load: {exc}.") from exc
+        raise LoadError(
+            f"Model file '{path}' looks like TorchScript but does not load: {first_line(exc)}."
+        ) from exc
     note = (
         "TorchScript modules refuse forward hooks, so only weights are calibrated; export the model "
         "with torch.export (.pt2) to calibrate activations too."
@@ -289,7 +312,9 @@ def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
     try:
         module = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     except Exception as exc:
-        raise LoadError(f"Could not load the Hugging Face model in '{path}' offline: {exc}.") from exc
+        raise LoadError(
+            f"Could not load the Hugging Face model in '{path}' offline: {first_line(exc)}."
+        ) from exc
     return LoadedModel(
         module,
         "huggingface",
@@ -334,6 +359,8 @@ def load_data(path: str | Path) -> TensorData:
     A dict becomes keyword arguments (``labels`` is set aside); a single tensor is positional.
     """
     path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"Data file '{path}' is a directory, not a tensor file.")
     if not path.is_file():
         raise LoadError(f"Data file '{path}' does not exist.")
     try:
@@ -353,11 +380,9 @@ def load_data(path: str | Path) -> TensorData:
             raise LoadError(
                 f"Data file '{path}' holds more than tensors; calibration data loads weights-only."
             ) from exc
-        raise LoadError(
-            f"Data file '{path}' could not be read as tensors: {str(exc).splitlines()[0]}."
-        ) from exc
+        raise LoadError(f"Data file '{path}' could not be read as tensors: {first_line(exc)}.") from exc
     except Exception as exc:
-        raise LoadError(f"Data file '{path}' could not be read as tensors: {exc}.") from exc
+        raise LoadError(f"Data file '{path}' could not be read as tensors: {first_line(exc)}.") from exc
     if isinstance(obj, torch.Tensor):
         data = TensorData((obj,), {}, None, str(path))
     elif isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
@@ -409,14 +434,21 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
     is the model input (the rest, e.g. labels, is set aside). The first ``count`` items are used.
     """
     torch.manual_seed(seed)
-    source = resolve_callable(spec, "data callable")()
+    source = call_user_code(resolve_callable(spec, "data callable"), f"The data callable {spec!r}")
     if not isinstance(source, Iterable):
         raise LoadError(
             f"The data callable {spec!r} returned a {type(source).__name__}, not an iterable of batches."
         )
-    for i, item in enumerate(source):
-        if i >= count:
+    items = iter(source)
+    for i in range(count):
+        try:
+            item = next(items)
+        except StopIteration:
             return
+        except Exception as exc:
+            raise LoadError(
+                f"The data callable {spec!r} raised {type(exc).__name__} while giving batch {i}: {first_line(exc)}"
+            ) from exc
         yield as_batch(item, f"batch {i} of {spec!r}")
 
 

@@ -325,10 +325,13 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
     graph.initializer.extend(kept)
 
 
-def _checked(model: LoadedModel, table: ScaleTable, method: str) -> None:
+def _checked(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> None:
+    from ..calibrate import check_targets
+
     check_fingerprint(table, model.module)
     if method not in table.methods:
         raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+    check_targets(table, model, batch)
 
 
 def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: list[str]) -> dict[str, Any]:
@@ -360,7 +363,7 @@ def _float_graph(model: LoadedModel, table: ScaleTable, method: str, batch: Batc
     """Check the scales fit the model, export it to float ONNX; returns (onnx model, input names)."""
     import onnx
 
-    _checked(model, table, method)
+    _checked(model, table, method, batch)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         inputs = export_float_onnx(model, batch, float_path)
