@@ -292,8 +292,8 @@ def check_targets(table: ScaleTable, model: LoadedModel | nn.Module, batch: Any,
             else f"this model computes '{missing[0]}', which the file does not have"
         )
         raise ScaleFileError(
-            f"{what} does not fit this model's targets ({len(extra)} only in the file, {len(missing)} only in "
-            f"the model; first: {first}). Calibrate this model, or pass its own scale file."
+            f"{what} does not fit this model's targets ({len(extra)} only in the file, {len(missing)} only "
+            f"in the model; first: {first}). Calibrate this model, or pass its own scale file."
         )
     if int(table.meta.get("format_version", 2)) >= 2:
         for tid, entry in table.targets.items():

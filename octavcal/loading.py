@@ -447,7 +447,8 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
             return
         except Exception as exc:
             raise LoadError(
-                f"The data callable {spec!r} raised {type(exc).__name__} while giving batch {i}: {first_line(exc)}"
+                f"The data callable {spec!r} raised {type(exc).__name__} while giving batch {i}: "
+                f"{first_line(exc)}"
             ) from exc
         yield as_batch(item, f"batch {i} of {spec!r}")
 
