@@ -209,7 +209,7 @@ class QATModel(nn.Module):
                 kind,
                 q.bits,
                 bool(q.signed),
-                q.axis,
+                q.axis if q.amax.dim() else None,  # a static per-tensor scalar has no channel axis
                 [],
                 {"octav": MethodScales(q.amax.cpu())},
             )

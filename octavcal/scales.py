@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from torch import nn
 from .errors import ScaleFileError
 from .files import atomic_write
 from .grid import Grid
+from .scale_schema import check_schema, parse_metadata, show
 
 FORMAT_NAME = "octavcal.scales"
 # 2: targets are ops on Parameters ('param', 'tied', lower-case op names such as 'linear', 'addmm'),
@@ -150,54 +153,78 @@ def save_scales(table: ScaleTable, path: str | Path) -> Path:
 
 
 def load_scales(path: str | Path) -> ScaleTable:
-    """Read a scale file into a ScaleTable: per target, per method, amax and (via grid) scale."""
-    from safetensors import SafetensorError, safe_open
+    """Read a scale file into a ScaleTable: per target, per method, amax and (via grid) scale.
+
+    Whatever the file holds, the only error is ScaleFileError, naming the first problem. Only the
+    tensors the metadata lists are read."""
+    from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ScaleFileError(f"Scale file '{path}' is a directory, not a file.")
+    if not path.exists():
         raise ScaleFileError(f"Scale file '{path}' does not exist.")
+    if not path.is_file():
+        raise ScaleFileError(f"Scale file '{path}' is not a regular file.")
+    with _readable(path), safe_open(str(path), framework="pt") as f:
+        header, names = f.metadata() or {}, set(f.keys())
+    meta = _checked_metadata(header, path)
+    wanted = [name for name in _tensor_names(meta) if name in names]
+    with _readable(path), safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in wanted}
+    return ScaleTable(_targets_from(meta, tensors, path), meta)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Errors of the safetensors layer (header, offsets, dtypes, I/O) become one ScaleFileError."""
+    from safetensors import SafetensorError
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ScaleFileError(f"Scale file '{path}' is not a readable safetensors file: {exc}.") from exc
-    try:
-        meta = json.loads(header["octavcal"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ScaleFileError(
-            f"Scale file '{path}' has no octavcal metadata; it was not written by octavcal."
-        ) from exc
+        yield
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ScaleFileError(f"Scale file '{path}' is not a readable safetensors file: {reason}.") from exc
+
+
+def _checked_metadata(header: dict[str, str], path: Path) -> dict[str, Any]:
+    if "octavcal" not in header:
+        raise ScaleFileError(f"Scale file '{path}' has no octavcal metadata; it was not written by octavcal.")
+    meta = parse_metadata(header["octavcal"], path)
     version = meta.get("format_version")
-    if meta.get("format") != FORMAT_NAME or not isinstance(version, int):
-        raise ScaleFileError(f"Scale file '{path}' is not in the {FORMAT_NAME} format.")
+    if meta.get("format") != FORMAT_NAME or isinstance(version, bool) or not isinstance(version, int):
+        raise ScaleFileError(
+            f"Scale file '{path}' is not in the {FORMAT_NAME} format: format {show(meta.get('format'))}, "
+            f'format_version {show(version)}. Expected format "{FORMAT_NAME}" and an integer version.'
+        )
     if version > FORMAT_VERSION:
         raise ScaleFileError(
-            f"Scale file '{path}' has format version {version}; this octavcal reads up to {FORMAT_VERSION}. "
-            "Upgrade octavcal."
+            f"Scale file '{path}' has format version {show(version)}; this octavcal reads up to "
+            f"{FORMAT_VERSION}. Upgrade octavcal."
         )
-    try:
-        targets = _targets_from(meta, tensors, path)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ScaleFileError(
-            f"Scale file '{path}' has malformed target metadata: missing or wrong {exc}."
-        ) from exc
-    return ScaleTable(targets, meta)
+    if version < 1:
+        raise ScaleFileError(f"Scale file '{path}' has format version {show(version)}; versions start at 1.")
+    check_schema(meta, path)
+    return meta
+
+
+def _tensor_names(meta: dict[str, Any]) -> list[str]:
+    """The tensors the metadata lists: amax and per-batch candidates of every target's methods."""
+    return [
+        f"{tid}/{method}{suffix}"
+        for tid, d in meta["targets"].items()
+        for method in d["methods"]
+        for suffix in ("", "@batches")
+    ]
 
 
 def _targets_from(
     meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
 ) -> dict[str, TargetScales]:
+    convention = meta.get("grid", {}).get("convention", "runtime")
     targets: dict[str, TargetScales] = {}
-    for tid, d in meta.pop("targets", {}).items():
-        methods = {}
-        for method in d["methods"]:
-            if f"{tid}/{method}" not in tensors:
-                raise ScaleFileError(
-                    f"Scale file '{path}' lists method '{method}' for '{tid}' but has no tensor for it."
-                )
-            methods[method] = MethodScales(tensors[f"{tid}/{method}"], tensors.get(f"{tid}/{method}@batches"))
-        targets[tid] = TargetScales(
+    for tid, d in meta.pop("targets").items():
+        entry = TargetScales(
             module=d["module"],
             role=d["role"],
             op=d["op"],
@@ -206,13 +233,87 @@ def _targets_from(
             signed=d["signed"],
             axis=d["axis"],
             shape=d["shape"],
-            methods=methods,
             masked=d["masked"],
             shared_with=d["shared_with"],
             param=d.get("param"),
-            tied=list(d.get("tied") or []),
+            tied=list(d.get("tied", [])),
         )
+        check = _TensorCheck(path, tid, entry, entry.grid(convention).qmax)
+        entry.methods = {method: check.method(method, tensors) for method in d["methods"]}
+        targets[tid] = entry
     return targets
+
+
+class _TensorCheck:
+    """The tensors of one target: amax float32 of shape [] or [C], finite, positive and large enough that
+    amax / qmax is a normal float32; per-batch candidates float32, finite, [N] + amax's shape."""
+
+    def __init__(self, path: Path, tid: str, entry: TargetScales, qmax: int) -> None:
+        self.path, self.tid, self.entry, self.qmax = path, tid, entry, qmax
+
+    def fail(self, method: str, problem: str, seen: str, valid: str) -> NoReturn:
+        what = f"{problem} for target {self.tid!r}, method {method!r}"
+        raise ScaleFileError(f"Scale file '{self.path}' has {what}: {seen}. {valid}.")
+
+    def method(self, method: str, tensors: dict[str, torch.Tensor]) -> MethodScales:
+        name = f"{self.tid}/{method}"
+        if name not in tensors:
+            self.fail(
+                method, "no amax tensor", f"{name!r} is missing", "Every listed method needs its tensor"
+            )
+        amax = tensors[name]
+        self.check_dtype(method, amax, "amax")
+        self.check_amax_shape(method, amax)
+        self.check_amax_values(method, amax)
+        per_batch = tensors.get(f"{name}@batches")
+        if per_batch is not None:
+            self.check_per_batch(method, per_batch, amax)
+        return MethodScales(amax, per_batch)
+
+    def check_dtype(self, method: str, t: torch.Tensor, what: str) -> None:
+        if t.dtype != torch.float32:
+            self.fail(method, f"a wrong {what} dtype", str(t.dtype), "Expected torch.float32")
+
+    def check_amax_shape(self, method: str, amax: torch.Tensor) -> None:
+        axis, shape = self.entry.axis, self.entry.shape
+        if axis is None:
+            expected = "Expected [] (per tensor: axis null)"
+            fits = amax.dim() == 0
+        elif shape:
+            expected = f"Expected [{shape[axis]}] (per channel along axis {axis} of {shape})"
+            fits = list(amax.shape) == [shape[axis]] and shape[axis] > 0
+        else:
+            expected = f"Expected [C], C >= 1 (per channel along axis {axis})"
+            fits = amax.dim() == 1 and amax.numel() > 0
+        if not fits:
+            self.fail(method, "a wrong amax shape", str(list(amax.shape)), expected)
+
+    def check_amax_values(self, method: str, amax: torch.Tensor) -> None:
+        # amax / qmax must be a normal float32: finite, and at least the smallest normal number.
+        least = torch.finfo(torch.float32).tiny * self.qmax
+        flat = amax.reshape(-1).double()
+        bad = ~(torch.isfinite(flat) & (flat >= least))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            where = f" (channel {i})" if amax.dim() else ""
+            self.fail(
+                method,
+                "an invalid amax",
+                f"{float(flat[i]):.9g}{where}",
+                f"Expected a finite amax >= {least:.9g} (the smallest normal float32 times qmax {self.qmax})",
+            )
+
+    def check_per_batch(self, method: str, per_batch: torch.Tensor, amax: torch.Tensor) -> None:
+        self.check_dtype(method, per_batch, "per-batch")
+        if per_batch.dim() != amax.dim() + 1 or per_batch.shape[1:] != amax.shape:
+            expected = ", ".join(["N", *map(str, amax.shape)])
+            self.fail(method, "a wrong per-batch shape", str(list(per_batch.shape)), f"Expected [{expected}]")
+        flat = per_batch.reshape(-1)
+        bad = ~torch.isfinite(flat)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            seen = f"{float(flat[i]):.9g} (element {i})"
+            self.fail(method, "an invalid per-batch amax", seen, "Expected finite values")
 
 
 def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path | None = None) -> None:

@@ -181,3 +181,186 @@ def test_version_1_files_are_still_read_and_used(tmp_path, model, cnn_paths, tra
         0
     ]
     np.testing.assert_allclose(out, new_out.numpy(), rtol=1e-4, atol=1e-4 * float(new_out.abs().max()))
+
+
+# A robust reader: every bad file is a ScaleFileError with a one-line message naming the first problem.
+
+
+def small_file(tmp_path):
+    """A scale file of two targets: a per-tensor unsigned 8-bit input (qmax 255, per-batch candidates)
+    and a per-channel 4-bit weight (qmax 7)."""
+    table = ScaleTable(
+        {
+            "fc:input": TargetScales(
+                "fc", "input", "linear", "activation", 8, False, None, [4, 3],
+                {"max": MethodScales(torch.tensor(2.0), torch.tensor([1.5, 2.5]))},
+            ),
+            "fc:weight": TargetScales(
+                "fc", "weight", "linear", "weight", 4, True, 0, [2, 3],
+                {"max": MethodScales(torch.tensor([0.5, 1.0]))}, param="fc.weight",
+            ),
+        },
+        {"grid": {"convention": "runtime"}, "methods": ["max"], "bits": 4},
+    )  # fmt: skip
+    return save_scales(table, tmp_path / "s.safetensors")
+
+
+def rewrite(path, tensors=None, meta=None, text=None):
+    """The file at ``path`` again, with some tensors replaced (None: removed) or other metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        old_text = f.metadata()["octavcal"]
+    all_tensors = load_file(str(path)) | (tensors or {})
+    all_tensors = {k: v for k, v in all_tensors.items() if v is not None}
+    text = text if text is not None else json.dumps(meta) if meta is not None else old_text
+    save_file(all_tensors, str(path), metadata={"octavcal": text})
+    return path
+
+
+def refusal(path):
+    with pytest.raises(ScaleFileError) as info:
+        load_scales(path)
+    return str(info.value)
+
+
+def test_the_small_file_loads_and_its_scales_are_usable(tmp_path):
+    table = load_scales(small_file(tmp_path))
+    assert table.targets["fc:input"].scale("max").item() == pytest.approx(2.0 / 255)
+    assert table.targets["fc:weight"].scale("max").tolist() == pytest.approx([0.5 / 7, 1.0 / 7])
+    assert table.targets["fc:input"].methods["max"].per_batch.tolist() == [1.5, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("value", "seen"),
+    [
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (0.0, "0"),
+        (-1.0, "-1"),
+        (1e-45, "1.40129846e-45"),
+    ],
+)
+def test_amax_values_that_give_no_normal_scale_are_refused(tmp_path, value, seen):
+    path = small_file(tmp_path)
+    rewrite(path, {"fc:input/max": torch.tensor(value)})
+    assert refusal(path) == (
+        f"Scale file '{path}' has an invalid amax for target 'fc:input', method 'max': {seen}. "
+        "Expected a finite amax >= 2.99751059e-36 (the smallest normal float32 times qmax 255)."
+    )
+
+
+def test_the_smallest_amax_with_a_normal_scale_is_read(tmp_path):
+    path = small_file(tmp_path)
+    least = torch.finfo(torch.float32).tiny * 7
+    rewrite(path, {"fc:weight/max": torch.tensor([least, 1.0])})
+    scale = load_scales(path).targets["fc:weight"].scale("max")
+    assert scale[0].item() >= torch.finfo(torch.float32).tiny
+    rewrite(
+        path, {"fc:weight/max": torch.tensor([1.0, torch.nextafter(torch.tensor(least), torch.tensor(0.0))])}
+    )
+    assert refusal(path) == (
+        f"Scale file '{path}' has an invalid amax for target 'fc:weight', method 'max': 8.2284599e-38 "
+        "(channel 1). Expected a finite amax >= 8.22846046e-38 (the smallest normal float32 times qmax 7)."
+    )
+
+
+def test_amax_tensors_of_the_wrong_dtype_or_shape_or_missing_are_refused(tmp_path):
+    path = small_file(tmp_path)
+    rewrite(path, {"fc:weight/max": torch.tensor([0.5, 1.0], dtype=torch.float64)})
+    assert refusal(path) == (
+        f"Scale file '{path}' has a wrong amax dtype for target 'fc:weight', method 'max': torch.float64. "
+        "Expected torch.float32."
+    )
+    rewrite(path, {"fc:weight/max": torch.tensor([0.5, 1.0, 1.0])})
+    assert refusal(path) == (
+        f"Scale file '{path}' has a wrong amax shape for target 'fc:weight', method 'max': [3]. "
+        "Expected [2] (per channel along axis 0 of [2, 3])."
+    )
+    rewrite(path, {"fc:weight/max": None})
+    assert refusal(path) == (
+        f"Scale file '{path}' has no amax tensor for target 'fc:weight', method 'max': 'fc:weight/max' is "
+        "missing. Every listed method needs its tensor."
+    )
+    path = small_file(tmp_path)
+    rewrite(path, {"fc:input/max@batches": torch.tensor([1.5, float("nan")])})
+    assert refusal(path) == (
+        f"Scale file '{path}' has an invalid per-batch amax for target 'fc:input', method 'max': nan "
+        "(element 1). Expected finite values."
+    )
+
+
+def test_files_that_are_not_scale_files_are_told_apart(tmp_path):
+    assert refusal(tmp_path) == f"Scale file '{tmp_path}' is a directory, not a file."
+    missing = tmp_path / "missing.safetensors"
+    assert refusal(missing) == f"Scale file '{missing}' does not exist."
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a safetensors file\n")
+    message = refusal(text)  # the reason is safetensors' own words
+    assert (
+        message.startswith(f"Scale file '{text}' is not a readable safetensors file: ")
+        and "\n" not in message
+    )
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.ones(2)}, str(foreign))
+    assert refusal(foreign) == (
+        f"Scale file '{foreign}' has no octavcal metadata; it was not written by octavcal."
+    )
+    path = rewrite(small_file(tmp_path), text="{not json")
+    assert refusal(path) == (
+        f"Scale file '{path}' has corrupt octavcal metadata (not valid JSON: Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1))."
+    )
+
+
+def written_meta(path):
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return json.loads(header["__metadata__"]["octavcal"])
+
+
+def test_metadata_fields_are_checked_and_named_by_path(tmp_path):
+    path = small_file(tmp_path)
+    meta = written_meta(path)
+    meta["targets"]["fc:input"]["axis"] = "0"
+    rewrite(path, meta=meta)
+    assert refusal(path) == (
+        f"Scale file '{path}' has invalid metadata: targets['fc:input'].axis is invalid: \"0\". "
+        "Expected null or an integer >= 0."
+    )
+    meta["targets"]["fc:input"]["axis"] = None
+    meta["grid"]["convention"] = "exotic"
+    rewrite(path, meta=meta)
+    assert refusal(path) == (
+        f"Scale file '{path}' has invalid metadata: grid.convention is invalid: \"exotic\". "
+        'Expected "runtime" or "paper".'
+    )
+    meta["grid"]["convention"] = "paper"
+    meta["targets"]["fc:input"] = {"module": "fc"}
+    rewrite(path, meta=meta)
+    assert refusal(path) == (
+        f"Scale file '{path}' has invalid metadata: targets['fc:input'].role is missing. Expected a string."
+    )
+
+
+def test_version_1_metadata_without_param_and_tied_is_read(tmp_path):
+    path = small_file(tmp_path)
+    meta = written_meta(path)
+    meta["format_version"] = 1
+    for d in meta["targets"].values():
+        del d["param"], d["tied"]
+    table = load_scales(rewrite(path, meta=meta))
+    assert table.targets["fc:weight"].param is None and table.targets["fc:weight"].tied == []
+
+
+def test_deep_or_huge_metadata_is_refused_without_recursion(tmp_path):
+    path = small_file(tmp_path)
+    rewrite(path, text='{"x": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    assert refusal(path) == (
+        f"Scale file '{path}' has octavcal metadata nested too deeply: over 32 levels. The limit is 32."
+    )
+    rewrite(path, text=json.dumps({"pad": "x" * 5_000_000}))
+    assert refusal(path) == (
+        f"Scale file '{path}' has octavcal metadata too large to read: 5000011 characters. "
+        "The limit is 4194304."
+    )
