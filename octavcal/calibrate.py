@@ -282,7 +282,7 @@ def check_targets(table: ScaleTable, model: LoadedModel | nn.Module, batch: Any,
     its matmul scales would land on other tensors), naming the first difference."""
     found = {t.id: t for t in discover_targets(model, batch)}
     calibrated = set(table.targets) | set(table.meta.get("skipped") or [])
-    what = f"Scale file '{path}'" if path is not None else "The scale table"
+    what = table.describe_source(path)
     extra = sorted(calibrated - set(found))
     missing = sorted(set(found) - calibrated)
     if extra or missing:

@@ -29,6 +29,7 @@ try:  # Ctrl-C while the command line is still importing: one line, exit 130
     from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
     from .evaluate import evaluate
     from .files import atomic_write, check_output, check_output_folder, output_set
+    from .grid import check_bits
     from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
     from .render import (
         console,
@@ -126,6 +127,8 @@ def parse_bits_list(text: str) -> list[int]:
         bits = []
     if not bits:
         raise click.BadParameter(f"expected bit widths like 4 or 4,5,6: got {text!r}", param_hint="--bits")
+    for b in bits:
+        check_bits(b)  # all of them before any calibration work
     return bits
 
 
@@ -176,7 +179,7 @@ def main(show_traceback: bool) -> None:
     "--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use."
 )
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option(
     "--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel."
 )
@@ -337,7 +340,7 @@ def _batch_sources(
 )
 @click.option("--heldout-data", help="Held-out data file [default: other samples of --data].")
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--curve-points", default=100, show_default=True, type=int, help="Samples of each MSE curve.")
 @click.option(
     "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
@@ -449,7 +452,7 @@ def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
     "--batches", "num_batches", default=10, show_default=True, type=int, help="Calibration batches."
 )
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option(
     "--labels",
     "labels_file",
@@ -492,6 +495,18 @@ def evaluate_command(
     """
     if out is not None:
         check_output_folder(out)
+    if batch_size < 1:
+        raise LoadError(f"Batch size must be positive: got {batch_size}.")
+    bits_to_calibrate = parse_bits_list(bits_list) if calib_data and not scale_files else []
+    if not scale_files and not calib_data:
+        raise click.UsageError("Give --scales, or --calib-data with --bits.")
+    # Every input is read before any calibration work, so a wrong path fails at once.
+    held = load_data(data)
+    if labels_file is not None:
+        labels = load_data(labels_file, what="Labels file")
+        held.labels = labels.args[0] if labels.args else next(iter(labels.kwargs.values()), labels.labels)
+        if held.labels is None or held.labels.shape[0] != held.num_samples:
+            raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{data}'.")
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
     method_list = methods.split(",") if methods else None
@@ -500,22 +515,14 @@ def evaluate_command(
         names = [str(p) for p in scale_files]
         for path, table in zip(scale_files, tables, strict=True):
             check_fingerprint(table, loaded.module, path)
-    elif calib_data:
+    else:
         tables, names = [], []
-        for bits in parse_bits_list(bits_list):
+        for bits in bits_to_calibrate:
             names.append(f"calibrated at {bits} bits")
             config = CalibrationConfig(bits=bits, methods=tuple(method_list or DEFAULT_METHODS))
-            calib, _ = _batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)
+            calib, _ = _batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)  # type: ignore[arg-type]
             with progress_bar(quiet or as_json) as progress:
                 tables.append(calibrate(loaded, calib(), config, seed=seed, progress=progress))
-    else:
-        raise click.UsageError("Give --scales, or --calib-data with --bits.")
-    held = load_data(data)
-    if labels_file is not None:
-        labels = load_data(labels_file)
-        held.labels = labels.args[0] if labels.args else next(iter(labels.kwargs.values()), labels.labels)
-        if held.labels is None or held.labels.shape[0] != held.num_samples:
-            raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{data}'.")
     order = torch.arange(held.num_samples).split(batch_size)
     with progress_bar(quiet or as_json) as progress:
         rows = evaluate(

@@ -20,11 +20,12 @@ from .calibrate import CalibrationConfig, Progress, calibrate, check_targets, wi
 from .collect import Target, capture_activations, weight_targets
 from .errors import CalibrationError
 from .grid import rows_from
-from .loading import LoadedModel, as_loaded, batch_source
+from .loading import LoadedModel, as_loaded, batch_source, check_finite_inputs
 from .methods import _sweep_sse
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
 
+_SPLIT_NAMES = {"calib": "Calibration", "heldout": "Held-out"}
 DISAGREEMENT = 2.0  # Appendix G: OCTAV and the sweep more than 2x apart
 PROMINENCE = 0.1  # a local minimum of the MSE curve counts when the curve rises 10% around it
 
@@ -195,6 +196,7 @@ def compare(
             for split, source in passes:
                 evaluator.split = split
                 for batch in source():
+                    check_finite_inputs(batch, f"{_SPLIT_NAMES[split]} batch {counts[split]}")
                     mask = batch.kwargs.get("attention_mask") if config.mask_padding else None
                     evaluator.mask = (
                         mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

@@ -12,8 +12,8 @@ from torch import nn
 
 from .calibrate import check_targets
 from .collect import capture_activations
-from .errors import CalibrationError, DataError
-from .loading import Batch, LoadedModel, as_loaded, batch_source
+from .errors import CalibrationError
+from .loading import LoadedModel, as_loaded, batch_source, check_finite_inputs
 from .scales import ScaleTable
 from .simulate import apply_scales
 
@@ -46,17 +46,6 @@ def _output(out: Any) -> torch.Tensor:
     raise CalibrationError(f"Cannot compare model outputs of type {type(out).__name__}; expected a tensor.")
 
 
-def _check_finite(batch: Batch, index: int) -> None:
-    """NaN in held-out data would turn every metric into nan: refuse it, naming the input."""
-    named = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items())
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise DataError(
-                f"Evaluation batch {index} has NaN or Inf in its input {name} ({bad} of {t.numel()} values)."
-            )
-
-
 def evaluate(
     model: LoadedModel | nn.Module,
     tables: list[ScaleTable],
@@ -78,7 +67,7 @@ def evaluate(
     sims = []
     for name, table in zip(labels, tables, strict=True):
         if first is not None:
-            check_targets(table, model, first, name if names else None)
+            check_targets(table, model, first)
         bits = int(table.meta.get("bits", 0))
         for method in methods or table.methods:
             sims.append((method, bits, name, apply_scales(model, table, method)))
@@ -86,7 +75,7 @@ def evaluate(
     float_correct = labelled = samples = 0
     with torch.no_grad(), capture_activations(model, lambda target, x: None) as float_run:
         for i, batch in enumerate(batches()):
-            _check_finite(batch, i)
+            check_finite_inputs(batch, f"Evaluation batch {i}")
             ref = _output(float_run(batch)).float()
             n = ref.shape[0]
             samples += n

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LoadError, OctavcalWarning
+from .errors import DataError, LoadError, OctavcalWarning
 
 MODEL_FORMATS = ("state_dict", "safetensors", "pickle", "export", "torchscript", "huggingface")
 # Keys of a data file that are not model inputs (kept for `evaluate`).
@@ -108,6 +108,12 @@ def resolve_callable(spec: str, what: str = "architecture") -> Callable[..., Any
     return fn  # type: ignore[no-any-return]
 
 
+def a_type(obj: Any) -> str:
+    """'a str', 'an int': the type of ``obj`` with its article, for messages."""
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def call_user_code(fn: Callable[[], Any], what: str) -> Any:
     """Run a user's callable; what it raises becomes one LoadError naming it and the original error."""
     try:
@@ -123,8 +129,9 @@ def first_line(exc: BaseException) -> str:
     unpickler = [line for line in lines if line.startswith("WeightsUnpickler error:")]
     if unpickler:
         return unpickler[0].removeprefix("WeightsUnpickler error:").strip()
-    kept = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
-    return (kept or ["(no message)"])[0]
+    unsafe = ("weights_only", "Weights only load failed", "allow_pickle", "load it unsafely")
+    kept = [line for line in lines if not any(u in line for u in unsafe)]
+    return (kept or ["(no message)"])[0].rstrip(".")
 
 
 def _cwd_importable() -> None:
@@ -237,7 +244,7 @@ def _load_torch_file(path: Path, arch: str | None, allow_pickle: bool) -> Loaded
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return _from_state_dict(obj, path, arch, "state_dict")
     raise LoadError(
-        f"Model file '{path}' holds a {type(obj).__name__}, not a state_dict or an nn.Module. "
+        f"Model file '{path}' holds {a_type(obj)}, not a state_dict or an nn.Module. "
         "Expected a state_dict, a pickled nn.Module, TorchScript, a torch.export .pt2 or a safetensors file."
     )
 
@@ -250,7 +257,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | Non
         )
     module = call_user_code(resolve_callable(arch), f"The architecture {arch!r}")
     if not isinstance(module, nn.Module):
-        raise LoadError(f"The architecture {arch!r} returned a {type(module).__name__}, not an nn.Module.")
+        raise LoadError(f"The architecture {arch!r} returned {a_type(module)}, not an nn.Module.")
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise LoadError(
@@ -353,19 +360,21 @@ class TensorData:
         )
 
 
-def load_data(path: str | Path) -> TensorData:
+def load_data(path: str | Path, what: str = "Data file") -> TensorData:
     """Read a tensor file (.pt weights-only, .safetensors, .npy, .npz) of samples along the first dim.
 
     A dict becomes keyword arguments (``labels`` is set aside); a single tensor is positional.
     """
     path = Path(path)
     if path.is_dir():
-        raise LoadError(f"Data file '{path}' is a directory, not a tensor file.")
+        raise LoadError(f"{what} '{path}' is a directory, not a tensor file.")
     if not path.is_file():
-        raise LoadError(f"Data file '{path}' does not exist.")
+        raise LoadError(f"{what} '{path}' does not exist.")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{what} '{path}' is empty.")
     try:
         if path.suffix == ".safetensors":
-            obj: Any = _read_safetensors(path, "Data file")
+            obj: Any = _read_safetensors(path, what)
         elif path.suffix == ".npy":
             obj = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".npz":
@@ -378,11 +387,13 @@ def load_data(path: str | Path) -> TensorData:
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
             raise LoadError(
-                f"Data file '{path}' holds more than tensors; calibration data loads weights-only."
+                f"{what} '{path}' holds more than tensors; calibration data loads weights-only."
             ) from exc
-        raise LoadError(f"Data file '{path}' could not be read as tensors: {first_line(exc)}.") from exc
+        raise LoadError(f"{what} '{path}' could not be read as tensors: {first_line(exc)}.") from exc
     except Exception as exc:
-        raise LoadError(f"Data file '{path}' could not be read as tensors: {first_line(exc)}.") from exc
+        raise LoadError(
+            f"{what} '{path}' could not be read as tensors: {type(exc).__name__}: {first_line(exc)}."
+        ) from exc
     if isinstance(obj, torch.Tensor):
         data = TensorData((obj,), {}, None, str(path))
     elif isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
@@ -391,14 +402,12 @@ def load_data(path: str | Path) -> TensorData:
         labels = next((obj[k] for k in LABEL_KEYS if k in obj), None)
         data = TensorData((), {k: v for k, v in obj.items() if k not in LABEL_KEYS}, labels, str(path))
     else:
-        raise LoadError(
-            f"Data file '{path}' holds a {type(obj).__name__}; expected a tensor or a dict of tensors."
-        )
+        raise LoadError(f"{what} '{path}' holds {a_type(obj)}; expected a tensor or a dict of tensors.")
     sizes = {f"arg{i}": int(t.shape[0]) if t.dim() else 0 for i, t in enumerate(data.args)}
     sizes |= {k: int(t.shape[0]) if t.dim() else 0 for k, t in data.kwargs.items()}
     if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
         raise LoadError(
-            f"Data file '{path}': every tensor needs the same number of samples in its first dimension; "
+            f"{what} '{path}': every tensor needs the same number of samples in its first dimension; "
             f"got {sizes}."
         )
     return data
@@ -436,9 +445,7 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
     torch.manual_seed(seed)
     source = call_user_code(resolve_callable(spec, "data callable"), f"The data callable {spec!r}")
     if not isinstance(source, Iterable):
-        raise LoadError(
-            f"The data callable {spec!r} returned a {type(source).__name__}, not an iterable of batches."
-        )
+        raise LoadError(f"The data callable {spec!r} returned {a_type(source)}, not an iterable of batches.")
     items = iter(source)
     for i in range(count):
         try:
@@ -458,7 +465,7 @@ def as_loaded(model: Any) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if not isinstance(model, nn.Module):
-        raise LoadError(f"Expected an nn.Module or a loaded model; got a {type(model).__name__}.")
+        raise LoadError(f"Expected an nn.Module or a loaded model; got {a_type(model)}.")
     hookable = not isinstance(model, torch.jit.ScriptModule)
     return LoadedModel(model, "module", None, hookable=hookable)
 
@@ -472,6 +479,15 @@ def batches_of(items: Iterable[Any]) -> Iterator[Batch]:
         )
     for i, item in enumerate(items):
         yield as_batch(item, f"Batch {i}")
+
+
+def check_finite_inputs(batch: Batch, what: str) -> None:
+    """NaN in data whose outputs are measured would turn every metric into nan: refuse it, naming it."""
+    named = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + list(batch.kwargs.items())
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DataError(f"{what} has NaN or Inf in its input {name} ({bad} of {t.numel()} values).")
 
 
 def batch_source(source: Any, what: str = "batches") -> Callable[[], Iterator[Batch]]:
@@ -502,4 +518,4 @@ def as_batch(item: Any, where: str) -> Batch:
         return (
             Batch((item[0],), {}, rest) if not isinstance(item[0], dict) else Batch((), dict(item[0]), rest)
         )
-    raise LoadError(f"{where} is a {type(item).__name__}; expected a tensor, a dict or a tuple of tensors.")
+    raise LoadError(f"{where} is {a_type(item)}; expected a tensor, a dict or a tuple of tensors.")

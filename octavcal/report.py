@@ -80,7 +80,6 @@ def write_report(
     report: ComparisonReport, out: Path, *, plots: bool = True, max_curve_plots: int = 6
 ) -> dict[str, Path]:
     """Write every file into ``out`` and return their paths by kind."""
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(report)
     rows = target_rows(report)
     paths = {"json": out / "report.json", "csv": out / "targets.csv", "html": out / "report.html"}
@@ -254,7 +253,6 @@ def write_evaluation(rows: list[Any], out: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "evaluation.json", "png": out / "fidelity.png"}
     atomic_write(paths["json"], json.dumps(_json_safe([r.as_dict() for r in rows]), indent=1))
     metric = "accuracy" if all(r.accuracy is not None for r in rows) else "cosine"

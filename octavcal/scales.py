@@ -99,6 +99,12 @@ class ScaleTable:
 
     targets: dict[str, TargetScales]
     meta: dict[str, Any]
+    path: Path | None = None  # the file it was read from, for messages
+
+    def describe_source(self, path: str | Path | None = None) -> str:
+        """'Scale file 'PATH'' when the file is known, else 'The scale table' (for messages)."""
+        path = path if path is not None else self.path
+        return f"Scale file '{path}'" if path is not None else "The scale table"
 
     @property
     def convention(self) -> str:
@@ -172,7 +178,7 @@ def load_scales(path: str | Path) -> ScaleTable:
     wanted = [name for name in _tensor_names(meta) if name in names]
     with _readable(path), safe_open(str(path), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in wanted}
-    return ScaleTable(_targets_from(meta, tensors, path), meta)
+    return ScaleTable(_targets_from(meta, tensors, path), meta, path)
 
 
 @contextmanager
@@ -320,7 +326,7 @@ def check_fingerprint(table: ScaleTable, model: nn.Module, path: str | Path | No
     """Refuse a scale file computed on other weights (README, "The scale file")."""
     expected = table.meta.get("model_fingerprint")
     if expected and expected != model_fingerprint(model):
-        what = f"Scale file '{path}'" if path is not None else "The scale table"
+        what = table.describe_source(path)
         raise ScaleFileError(
             f"{what} was computed for other model weights (fingerprint {expected[:12]}..., "
             f"this model {model_fingerprint(model)[:12]}...). Calibrate this model, "

@@ -251,6 +251,17 @@ def pickled_module_of_a_gone_class(c: Ctx) -> Path:
         del sys.modules[module.__name__]
 
 
+def _object_npy() -> bytes:
+    """An .npy file of Python objects: numpy refuses it without allow_pickle (and advises it)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
 def heldout_with_nan(c: Ctx) -> Path:
     """The CNN's held-out data (with labels) with one NaN pixel in its first sample."""
     heldout = load_file(str(CNN_HELDOUT))
@@ -670,6 +681,40 @@ CASES = [
     Case("evaluate-without-scales", "options",
          lambda c: ["evaluate", CNN, "--arch", CNN_ARCH, "--data", CNN_HELDOUT],
          "Error: Give --scales, or --calib-data with --bits.", exit=2),
+    Case("batch-size-zero-evaluate", "options",
+         lambda c: evaluate(c, "--batch-size", "0"),
+         "Error: Batch size must be positive: got 0."),
+    Case("seed-too-large", "options",
+         lambda c: calibrate(c, "--seed", "99999999999999999999"),
+         "Error: Invalid value for '--seed': 99999999999999999999 is not in the range 0<=x<=9223372036854775807.",
+         exit=2),
+    Case("bits-list-out-of-range-compare", "options",
+         lambda c: compare(c, "--bits", "4,20"),
+         "Error: bits must be an integer in [2, 16]: got 20."),
+    Case("bits-list-out-of-range-evaluate", "options",
+         lambda c: evaluate(c, "--calib-data", CNN_DATA, "--bits", "4,20"),
+         "Error: bits must be an integer in [2, 16]: got 20."),
+    Case("heldout-nan-compare", "data values",
+         lambda c: compare(c, "--heldout-data", heldout_with_nan(c), "--batch-size", "397"),
+         "Error: Held-out batch 0 has NaN or Inf in its input x (1 of 25408 values)."),
+    Case("evaluate-data-missing-before-calibrating", "data file",
+         lambda c: evaluate(c, "--calib-data", CNN_DATA, "--bits", "4", data=c / "missing.safetensors"),
+         "Error: Data file '{tmp}/missing.safetensors' does not exist."),
+    Case("labels-file-missing", "data file",
+         lambda c: evaluate(c, "--labels", c / "missing.safetensors"),
+         "Error: Labels file '{tmp}/missing.safetensors' does not exist."),
+    Case("data-empty-file", "data file",
+         lambda c: calibrate(c, data=c.write("empty.pt", b"")),
+         "Error: Data file '{tmp}/empty.pt' is empty."),
+    Case("data-npy-with-objects", "data file",
+         lambda c: calibrate(c, data=c.write("junk.npy", _object_npy())),
+         "Error: Data file '{tmp}/junk.npy' could not be read as tensors: ValueError: {any}."),
+    Case("scales-other-attention-export-onnx", "scale file",
+         lambda c: ["export", "onnx", TRANSFORMER, "--arch", TRANSFORMER_SDPA, "--scales", c.scales("transformer8"),
+                    "--method", "max", "--data", TRANSFORMER_HELDOUT, "-o", c / "q.onnx"],
+         "Error: Scale file '{tmp}/transformer8.safetensors' does not fit this model's targets (8 only in the "
+         "file, 6 only in the model; first: the file has 'layers.0.attention:matmul0.lhs', which this model "
+         "does not compute). Calibrate this model, or pass its own scale file."),
     Case("strict-with-an-lstm", "options",
          lstm_model,
          "Error: 2 weights are read by ops octavcal does not calibrate: 'lstm.weight_ih_l0' (recurrent weights "
