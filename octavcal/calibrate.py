@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__
 from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
 from .errors import CalibrationError, DataError, OctavcalWarning, ScaleFileError, SpecError
-from .grid import CONVENTIONS, check_bits
+from .grid import CONVENTIONS, Grid, check_bits
 from .loading import Batch, LoadedModel, as_loaded, batches_of
 from .methods import Method, compute_amax, parse_methods
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
@@ -81,14 +81,20 @@ def parse_layer_bits(spec: str) -> tuple[str, int | None]:
 def candidates_for(
     x: torch.Tensor, methods: list[Method], bits: int, *, signed: bool, axis: int | None, convention: str
 ) -> dict[str, tuple[torch.Tensor, float]]:
-    """Every method's amax for one tensor, with the seconds each took (Appendix F's timer)."""
+    """Every method's amax for one tensor, with the seconds each took (Appendix F's timer).
+
+    An amax is at least the smallest normal float32 times qmax, so that its scale is a normal float
+    (the scale file's rule); only a channel of (near) zeros meets that floor, and it quantizes to
+    zeros either way."""
+    floor = torch.finfo(torch.float32).tiny * Grid(bits, signed, convention).qmax  # type: ignore[arg-type]
     out = {}
     for method in methods:
         start = time.perf_counter()
         amax = compute_amax(x, method, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[arg-type]
         if amax.is_cuda:
             torch.cuda.synchronize(amax.device)
-        out[method.name] = (amax.detach().to("cpu", torch.float32), time.perf_counter() - start)
+        amax = amax.detach().to("cpu", torch.float32).clamp_min(floor)
+        out[method.name] = (amax, time.perf_counter() - start)
     return out
 
 

@@ -235,3 +235,21 @@ def test_a_layer_bits_pattern_that_matches_nothing_warns(cnn_paths):
     with pytest.warns(octavcal.OctavcalWarning, match="pattern 'fc9\\*' matched no target") as record:
         calibrate(loaded, batches_of(cnn_paths, count=1), config)
     assert not any("'fc1'" in str(w.message) for w in record)
+
+
+def test_a_pruned_channel_and_a_tiny_activation_give_a_loadable_scale_file(tmp_path):
+    """Zero rows (pruned channels) and denormal activations meet the scale file's floor on amax
+    (smallest normal float32 x qmax), so the file loads and exports; their values quantize to zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].weight[2] = 1e-40
+    table = calibrate(model, [torch.randn(8, 4)], CalibrationConfig(bits=8, methods=("octav", "max")))
+    floor = torch.finfo(torch.float32).tiny * 127
+    amax = table.targets["0:weight"].methods["max"].amax
+    # an all-zero row gets the methods' own positive amax; a denormal row is raised to the floor
+    assert amax[1] >= floor and amax[2] == floor and amax[0] == model[0].weight[0].abs().max()
+    octavcal.save_scales(table, tmp_path / "s.safetensors")
+    back = octavcal.load_scales(tmp_path / "s.safetensors")
+    torch.testing.assert_close(back.targets["0:weight"].methods["max"].amax, amax, rtol=0, atol=0)
