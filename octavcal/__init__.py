@@ -12,6 +12,9 @@ def _interrupted_at_start_up() -> None:
 
 
 try:
+    from ._version import __version__
+    from .calibrate import CalibrationConfig, calibrate
+    from .compare import compare
     from .errors import (
         CalibrationError,
         DataError,
@@ -21,7 +24,9 @@ try:
         ScaleFileError,
         SpecError,
     )
+    from .evaluate import evaluate
     from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
+    from .loading import Batch, load_data, load_model
     from .methods import (
         Method,
         OctavResult,
@@ -34,13 +39,6 @@ try:
         parse_methods,
         percentile,
     )
-
-    __version__ = "0.1.0"
-
-    from .calibrate import CalibrationConfig, calibrate
-    from .compare import compare
-    from .evaluate import evaluate
-    from .loading import Batch, load_data, load_model
     from .scales import ScaleTable, load_scales, save_scales
     from .simulate import apply_scales
 except KeyboardInterrupt:

@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
 from .errors import CalibrationError, DataError, OctavcalWarning, ScaleFileError, SpecError
 from .grid import CONVENTIONS, Grid, check_bits
 from .loading import Batch, LoadedModel, as_loaded, batches_of
 from .methods import Method, compute_amax, parse_methods
-from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
+from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 
 DEFAULT_METHODS = ("octav", "sweep", "p99.9", "p99.99", "p99.999", "max")
 Progress = Callable[[str, int, "int | None"], None]
@@ -399,20 +398,15 @@ def calibrate(
             fnmatch.fnmatchcase(t, pattern) or fnmatch.fnmatchcase(t.split(":")[0], pattern) for t in seen
         ):
             warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
-    meta = {
-        "octavcal_version": __version__,
-        "grid": {
-            "convention": config.convention,
-            "narrow_range": config.convention == "runtime",
-            "zero_point": 0,
-            "scale": "amax / qmax",
-            "rounding": "half to even",
-        },
-        "methods": [m.name for m in methods],
-        "reduction": "mean of per-batch candidates (Appendix E.3)",
-        "batches": calibrator.batches_seen,
-        "seed": seed,
-        "bits": config.bits,
+    meta = provenance(
+        config.convention,
+        [m.name for m in methods],
+        config.bits,
+        "calibrate",
+        reduction="mean of per-batch candidates (Appendix E.3)",
+        batches=calibrator.batches_seen,
+        seed=seed,
+    ) | {
         "first_last_bits": config.first_last_bits,
         "layer_bits": [[p, b] for p, b in config.layer_bits],
         "per_channel_weights": config.per_channel_weights,

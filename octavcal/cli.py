@@ -23,10 +23,10 @@ try:  # Ctrl-C while the command line is still importing: one line, exit 130
     import click
     import torch
 
-    from . import __version__
+    from ._version import __version__
     from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
     from .compare import compare, summarize
-    from .errors import LoadError, OctavcalError, OctavcalWarning, ScaleFileError
+    from .errors import LoadError, OctavcalError, OctavcalWarning, SpecError
     from .evaluate import evaluate
     from .files import atomic_write, check_output, check_output_folder, output_set
     from .grid import check_bits
@@ -83,10 +83,10 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         def show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
             click.echo(f"Warning: {message}", err=True)
 
-        warnings.showwarning = show_warning
-        warnings.simplefilter("always", OctavcalWarning)
         try:
-            with output_set():
+            with warnings.catch_warnings(), output_set():  # the caller's warning settings come back after
+                warnings.showwarning = show_warning
+                warnings.simplefilter("always", OctavcalWarning)
                 return fn(*args, **kwargs)
         except OctavcalError as exc:
             _traceback()
@@ -113,9 +113,9 @@ def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not device.startswith("cuda"):
-        raise OctavcalError(f"Unknown device '{device}'. Expected cpu, cuda or cuda:N.")
+        raise SpecError(f"Unknown device '{device}'. Expected cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OctavcalError(f"Device '{device}' was asked for, but CUDA is not available here.")
+        raise SpecError(f"Device '{device}' was asked for, but CUDA is not available here.")
     return device
 
 
@@ -667,7 +667,7 @@ def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
     """
     table = load_scales(scales)
     if method is not None and method not in table.methods:
-        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+        table.require_method(method)
     if as_json:
         click.echo(json.dumps(scales_summary(table, scales, full=True, method=method), indent=2))
     else:

@@ -94,7 +94,6 @@ class _Evaluator:
         self.curve_s: dict[tuple[str, int], torch.Tensor] = {}
         self.split = "calib"
         self.mask: torch.Tensor | None = None
-        self.mask_padding = True
         self.weights_seen: set[str] = set()
 
     def add_weight(self, tid: str, weight: torch.Tensor) -> None:
@@ -188,7 +187,6 @@ def compare(
             cfg = dataclasses.replace(config, bits=b)
             tables[b] = calibrate(model, calib_batches(), cfg, seed=seed, progress=progress)
     evaluator = _Evaluator(tables, curve_points)
-    evaluator.mask_padding = config.mask_padding
     counts = {"calib": 0, "heldout": 0}
     passes = [("calib", calib_batches)] + ([("heldout", heldout_batches)] if heldout_batches else [])
     if model.hookable:

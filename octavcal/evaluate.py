@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from .calibrate import check_targets
 from .collect import capture_activations
 from .errors import CalibrationError
 from .loading import LoadedModel, as_loaded, batch_source, check_finite_inputs
+from .metrics import sqnr_from
 from .scales import ScaleTable
 from .simulate import apply_scales
 
@@ -105,7 +105,7 @@ def evaluate(
         raise CalibrationError("No evaluation batches were given.")
     rows = []
     for (method, bits, name), a in acc.items():
-        sqnr = 10 * math.log10(a["energy"] / a["sse"]) if a["sse"] > 0 else math.inf
+        sqnr = sqnr_from(a["energy"], a["sse"])
         rows.append(
             Fidelity(
                 method,

@@ -67,6 +67,7 @@ class Grid:
             "narrow_range": self.convention == "runtime",
             "zero_point": 0,
             "scale": "amax / qmax",
+            "rounding": "half to even",
         }
 
 

@@ -442,22 +442,26 @@ def batches_from_callable(spec: str, count: int, seed: int) -> Iterator[Batch]:
     Each item: a tensor (positional), a dict (keyword arguments), or a tuple/list whose first element
     is the model input (the rest, e.g. labels, is set aside). The first ``count`` items are used.
     """
-    torch.manual_seed(seed)
-    source = call_user_code(resolve_callable(spec, "data callable"), f"The data callable {spec!r}")
-    if not isinstance(source, Iterable):
-        raise LoadError(f"The data callable {spec!r} returned {a_type(source)}, not an iterable of batches.")
-    items = iter(source)
-    for i in range(count):
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        except Exception as exc:
+    # The callable's own shuffling is reproducible from the seed; the caller's RNG state comes back after.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        source = call_user_code(resolve_callable(spec, "data callable"), f"The data callable {spec!r}")
+        if not isinstance(source, Iterable):
             raise LoadError(
-                f"The data callable {spec!r} raised {type(exc).__name__} while giving batch {i}: "
-                f"{first_line(exc)}"
-            ) from exc
-        yield as_batch(item, f"batch {i} of {spec!r}")
+                f"The data callable {spec!r} returned {a_type(source)}, not an iterable of batches."
+            )
+        items = iter(source)
+        for i in range(count):
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise LoadError(
+                    f"The data callable {spec!r} raised {type(exc).__name__} while giving batch {i}: "
+                    f"{first_line(exc)}"
+                ) from exc
+            yield as_batch(item, f"batch {i} of {spec!r}")
 
 
 def as_loaded(model: Any) -> LoadedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,11 +65,16 @@ def error_stats(
 
 def sqnr_db(stats: ErrorStats) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(sum x^2 / sum (Q(x) - x)^2)."""
-    if stats.sse == 0:
+    return sqnr_from(stats.energy, stats.sse)
+
+
+def sqnr_from(energy: float, sse: float) -> float:
+    """10 log10(energy / sse): +inf without error, -inf for error on a zero signal."""
+    if sse == 0:
         return float("inf")
-    if stats.energy == 0:
+    if energy == 0:
         return float("-inf")
-    return 10.0 * float(torch.log10(torch.tensor(stats.energy / stats.sse, dtype=torch.float64)))
+    return 10.0 * math.log10(energy / sse)
 
 
 def significant_minima(curve: torch.Tensor, prominence: float = 0.05) -> list[int]:

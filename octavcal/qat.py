@@ -16,7 +16,7 @@ The backward pass uses one of the paper's estimators:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +27,8 @@ from .errors import SpecError
 from .grid import Convention, Grid, amax_view, check_bits
 from .loading import Batch, LoadedModel
 from .methods import max_scaling, octav, solves_by_sorting
-from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint
+from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 
-Estimator = Literal["ste", "pwl", "mad"]
 ESTIMATORS = ("ste", "pwl", "mad", "mph")
 SCALERS = ("octav", "max", "static")
 
@@ -195,6 +194,13 @@ class QATModel(nn.Module):
         with capture_activations(LoadedModel(self.model, "module", None), self._activation) as run:  # type: ignore[arg-type]
             return run(Batch(args, kwargs), grad=True)
 
+    @property
+    def method_name(self) -> str:
+        """The scalers used, as the scale file's method: 'octav', 'max', 'static', or
+        'WEIGHTS+ACTIVATIONS' when they differ (e.g. 'octav+max')."""
+        weights, activations = self.config.weights, self.config.activations
+        return weights if weights == activations else f"{weights}+{activations}"
+
     def scale_table(self) -> ScaleTable:
         """The last clipping scalars as a ScaleTable (for save_scales and apply_scales)."""
         targets = {}
@@ -211,21 +217,16 @@ class QATModel(nn.Module):
                 bool(q.signed),
                 q.axis if q.amax.dim() else None,  # a static per-tensor scalar has no channel axis
                 [],
-                {"octav": MethodScales(q.amax.cpu())},
+                {self.method_name: MethodScales(q.amax.cpu())},
             )
-        meta = {
-            "grid": {
-                "convention": self.config.convention,
-                "narrow_range": self.config.convention == "runtime",
-                "zero_point": 0,
-                "scale": "amax / qmax",
-                "rounding": "half to even",
-            },
-            "methods": ["octav"],
-            "bits": self.config.bits,
-            "source": "qat",
-            "model_fingerprint": model_fingerprint(self.model),
-        }
+        meta = provenance(
+            self.config.convention,
+            [self.method_name],
+            self.config.bits,
+            "qat",
+            reduction="the scalars of the last forward pass",
+            model_fingerprint=model_fingerprint(self.model),
+        )
         return ScaleTable(dict(sorted(targets.items())), meta)
 
 

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from ._version import __version__
 from .errors import ScaleFileError
 from .files import atomic_write
 from .grid import Grid
@@ -114,6 +115,14 @@ class ScaleTable:
     def methods(self) -> list[str]:
         return list(self.meta.get("methods", []))
 
+    def require_method(self, method: str) -> str:
+        """``method`` if the table has it, else ScaleFileError listing the methods it has."""
+        if method not in self.methods:
+            raise ScaleFileError(
+                f"The scale file has no method '{method}'. It has: {', '.join(self.methods)}."
+            )
+        return method
+
     def amax(self, target: str, method: str) -> torch.Tensor:
         if target not in self.targets:
             raise ScaleFileError(f"The scale file has no target '{target}'.")
@@ -123,6 +132,20 @@ class ScaleTable:
                 f"Target '{target}' has no scales for method '{method}'. It has: {', '.join(entry.methods)}."
             )
         return entry.methods[method].amax
+
+
+def provenance(convention: str, methods: list[str], bits: int, source: str, **fields: Any) -> dict[str, Any]:
+    """The metadata every scale file starts with (calibration and QAT alike); ``Grid.describe`` is
+    the one source of its grid block."""
+    grid = Grid(8, True, convention).describe()  # type: ignore[arg-type]
+    return {
+        "octavcal_version": __version__,
+        "source": source,
+        "grid": {k: grid[k] for k in ("convention", "narrow_range", "zero_point", "scale", "rounding")},
+        "methods": list(methods),
+        "bits": bits,
+        **fields,
+    }
 
 
 def model_fingerprint(model: nn.Module) -> str:

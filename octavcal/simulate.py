@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .collect import Target, capture_activations, weight_targets
-from .errors import ScaleFileError, SpecError
+from .errors import SpecError
 from .grid import Convention, fake_quantize
 from .loading import Batch, LoadedModel, as_loaded
 from .scales import ScaleTable, check_fingerprint
@@ -61,8 +61,7 @@ def apply_scales(model: nn.Module | LoadedModel, scales: ScaleTable, method: str
     if isinstance(module, torch.jit.ScriptModule):
         raise SpecError("TorchScript modules cannot be simulated (they refuse hooks); use torch.export.")
     check_fingerprint(scales, module)
-    if method not in scales.methods:
-        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(scales.methods)}.")
+    scales.require_method(method)
     sim = SimulatedModel(module, scales, method)
     fixed = weight_targets(module)  # an exported graph: its weights are quantized in a copy
     if fixed:

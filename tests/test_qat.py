@@ -126,10 +126,12 @@ def test_strip_returns_a_plain_model_and_its_scales():
         out_qat = qat(x)
     plain, table = strip(qat)
     assert sorted(plain.state_dict()) == sorted(Tiny().state_dict())  # original names, loadable as before
-    assert table.targets["fc1:weight"].methods["octav"].amax.shape == (16,)
-    assert table.targets["fc1:input"].methods["octav"].amax.item() == pytest.approx(x.abs().max().item())
+    # the file names the scalers that were used: dynamic OCTAV for weights, max for activations
+    assert table.methods == ["octav+max"] and table.meta["source"] == "qat"
+    assert table.targets["fc1:weight"].methods["octav+max"].amax.shape == (16,)
+    assert table.targets["fc1:input"].methods["octav+max"].amax.item() == pytest.approx(x.abs().max().item())
     with torch.no_grad():
-        torch.testing.assert_close(apply_scales(plain, table, "octav")(x), out_qat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(apply_scales(plain, table, "octav+max")(x), out_qat, rtol=1e-5, atol=1e-5)
 
 
 def test_static_and_first_last_options():

@@ -329,8 +329,7 @@ def _checked(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -
     from ..calibrate import check_targets
 
     check_fingerprint(table, model.module)
-    if method not in table.methods:
-        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+    table.require_method(method)
     check_targets(table, model, batch)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from ..errors import ScaleFileError
 from ..scales import ScaleTable
 
 HEADER = "TRT-8601-EntropyCalibration2"
@@ -27,8 +26,7 @@ def hex_to_scale(text: str) -> float:
 
 def calibration_cache(table: ScaleTable, method: str, mapping: dict[str, Any]) -> tuple[str, list[str]]:
     """The cache text for ``method`` and the targets left out (with the reason)."""
-    if method not in table.methods:
-        raise ScaleFileError(f"The scale file has no method '{method}'. It has: {', '.join(table.methods)}.")
+    table.require_method(method)
     lines, skipped, seen = [HEADER], [], set()
     for tid, entry in table.targets.items():
         if entry.kind != "activation":
