@@ -15,6 +15,8 @@ try:
     from ._version import __version__
     from .calibrate import CalibrationConfig, calibrate
     from .compare import compare
+    from .core import Batch
+    from .data import load_data
     from .errors import (
         CalibrationError,
         DataError,
@@ -26,7 +28,7 @@ try:
     )
     from .evaluate import evaluate
     from .grid import Grid, fake_quantize, quant_mse, scale_from_amax
-    from .loading import Batch, load_data, load_model
+    from .loading import load_model
     from .methods import (
         Method,
         OctavResult,

@@ -13,7 +13,7 @@ import json
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
+from .core import Batch, LoadedModel, Progress, as_loaded
+from .data import batches_of
 from .errors import CalibrationError, DataError, OctavcalWarning, ScaleFileError, SpecError
 from .grid import CONVENTIONS, Grid, check_bits
-from .loading import Batch, LoadedModel, as_loaded, batches_of
 from .methods import Method, compute_amax, parse_methods
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 
 DEFAULT_METHODS = ("octav", "sweep", "p99.9", "p99.99", "p99.999", "max")
-Progress = Callable[[str, int, "int | None"], None]
 
 
 @dataclass(frozen=True)

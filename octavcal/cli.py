@@ -26,11 +26,12 @@ try:  # Ctrl-C while the command line is still importing: one line, exit 130
     from ._version import __version__
     from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
     from .compare import compare, summarize
+    from .data import batch_sources, first_batch, load_data
     from .errors import LoadError, OctavcalError, OctavcalWarning, SpecError
     from .evaluate import evaluate
     from .files import atomic_write, check_output, check_output_folder, output_set
     from .grid import check_bits
-    from .loading import Batch, batches_from_callable, load_data, load_model, plan_batches
+    from .loading import load_model
     from .render import (
         console,
         progress_bar,
@@ -257,7 +258,7 @@ def calibrate_command(
         dtype=DTYPES[dtype] if dtype else None,
         hf_class=hf_class,
     )
-    calib, _ = _batch_sources(
+    calib, _ = batch_sources(
         data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
     )
     batches = calib()  # made one at a time, as calibration pulls them
@@ -270,57 +271,6 @@ def calibrate_command(
         click.echo(json.dumps(scales_summary(table, output), indent=2))
     elif not quiet:
         render_calibration(table, output)
-
-
-def _batch_sources(
-    data: str,
-    batch_size: int,
-    num_batches: int,
-    heldout_batches: int,
-    seed: int,
-    heldout_data: str | None,
-    dev: str,
-    cast: torch.dtype | None,
-) -> tuple[Any, Any]:
-    """Callables giving fresh passes over the calibration and held-out batches (one batch alive at a time)."""
-
-    def moved(batches: Any) -> Any:
-        return (b.to(dev, cast) for b in batches)
-
-    if ":" in data and not Path(data).exists():
-
-        def calib() -> Any:
-            return moved(batches_from_callable(data, num_batches, seed))
-
-        def held_callable() -> Any:
-            return moved(batches_from_callable(heldout_data or data, heldout_batches, seed))
-
-        if not heldout_data and heldout_batches:
-            warnings.warn(
-                "A data callable gives no held-out batches of its own; held-out columns stay empty "
-                "unless held-out data is given.",
-                OctavcalWarning,
-                stacklevel=2,
-            )
-        return calib, held_callable if heldout_data else None
-    tensors = load_data(data)
-    plan = plan_batches(tensors.num_samples, batch_size, num_batches, seed)
-    held_src = load_data(heldout_data) if heldout_data else tensors
-    # Without held-out data: the next batches of the same seeded permutation, other samples while they last.
-    skip = 0 if heldout_data else num_batches
-    held_plan = (
-        plan_batches(held_src.num_samples, batch_size, heldout_batches, seed, skip=skip)
-        if heldout_batches
-        else []
-    )
-
-    def calib_tensors() -> Any:
-        return moved(tensors.batch(i) for i in plan)
-
-    def held_tensors() -> Any:
-        return moved(held_src.batch(i) for i in held_plan)
-
-    return calib_tensors, held_tensors if heldout_batches else None
 
 
 @main.command("compare")
@@ -402,9 +352,7 @@ def compare_command(
         check_fingerprint(table, loaded.module, scales)
         tables = {int(table.meta.get("bits", bits[0])): table}
         bits = list(tables)
-    calib, held = _batch_sources(
-        data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None
-    )
+    calib, held = batch_sources(data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None)
     with progress_bar(quiet or as_json) as progress:
         report = compare(
             loaded,
@@ -429,13 +377,6 @@ def compare_command(
     elif not quiet:
         render_comparison(report)
         console.print(f"Wrote {paths['html']}, {paths['json']}, {paths['csv']} and {len(paths) - 3} plots")
-
-
-def _first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
-    if ":" in data and not Path(data).exists():
-        return next(iter(batches_from_callable(data, 1, seed))).to(dev)
-    tensors = load_data(data)
-    return tensors.batch(plan_batches(tensors.num_samples, batch_size, 1, seed)[0]).to(dev)
 
 
 @main.command("evaluate")
@@ -520,7 +461,7 @@ def evaluate_command(
         for bits in bits_to_calibrate:
             names.append(f"calibrated at {bits} bits")
             config = CalibrationConfig(bits=bits, methods=tuple(method_list or DEFAULT_METHODS))
-            calib, _ = _batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)  # type: ignore[arg-type]
+            calib, _ = batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)  # type: ignore[arg-type]
             with progress_bar(quiet or as_json) as progress:
                 tables.append(calibrate(loaded, calib(), config, seed=seed, progress=progress))
     order = torch.arange(held.num_samples).split(batch_size)
@@ -594,7 +535,7 @@ def export_onnx_command(
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
-    mapping = export_qdq(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), output)
+    mapping = export_qdq(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
     atomic_write(overrides, json.dumps(ort_overrides(table, method, mapping), indent=1))
     click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
 
@@ -640,7 +581,7 @@ def export_trt_command(
     loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
-    mapping = export_float(loaded, table, method, _first_batch(data, batch_size, 0, "cpu"), onnx_path)
+    mapping = export_float(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), onnx_path)
     text, skipped = calibration_cache(table, method, mapping)
     if len(text.splitlines()) < 2:
         raise OctavcalError(

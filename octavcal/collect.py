@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .core import Batch, LoadedModel
 from .errors import CalibrationError, OctavcalError
-from .loading import Batch, LoadedModel
 
 # Ops whose second argument is the weight, and the weight axis that holds output channels.
 _WEIGHT_SECOND = {

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationConfig, Progress, calibrate, check_targets, without_padding
+from .calibrate import CalibrationConfig, calibrate, check_targets, without_padding
 from .collect import Target, capture_activations, weight_targets
+from .core import LoadedModel, Progress, as_loaded
+from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
 from .grid import rows_from
-from .loading import LoadedModel, as_loaded, batch_source, check_finite_inputs
 from .methods import _sweep_sse
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable

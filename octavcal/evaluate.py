@@ -11,8 +11,9 @@ from torch import nn
 
 from .calibrate import check_targets
 from .collect import capture_activations
+from .core import LoadedModel, as_loaded
+from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
-from .loading import LoadedModel, as_loaded, batch_source, check_finite_inputs
 from .metrics import sqnr_from
 from .scales import ScaleTable
 from .simulate import apply_scales

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .collect import LAYER_TYPES, TRANSPOSED_CONV_TYPES, Target, capture_activations
+from .core import Batch, LoadedModel
 from .errors import SpecError
 from .grid import Convention, Grid, amax_view, check_bits
-from .loading import Batch, LoadedModel
 from .methods import max_scaling, octav, solves_by_sorting
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .collect import Target, capture_activations, weight_targets
+from .core import Batch, LoadedModel, as_loaded
 from .errors import SpecError
 from .grid import Convention, fake_quantize
-from .loading import Batch, LoadedModel, as_loaded
 from .scales import ScaleTable, check_fingerprint
 
 

@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import octavcal
 from octavcal import CalibrationConfig, CalibrationError, OctavcalError
+from octavcal.core import Batch, LoadedModel
 from octavcal.evaluate import evaluate
-from octavcal.loading import Batch, LoadedModel
 
 # aten products (after PyTorch's own decompositions) whose operands can be weights
 _PRODUCTS = {
@@ -249,7 +249,7 @@ def _build(name: str):
     build, data = table[name]
     torch.manual_seed(0)
     model = build().eval()
-    batches = [octavcal.loading.as_batch(data(), "batch") for _ in range(3)]
+    batches = [octavcal.data.as_batch(data(), "batch") for _ in range(3)]
     return model, batches
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 import octavcal
 from octavcal import CalibrationConfig, CalibrationError, DataError, calibrate
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.data import load_data, plan_batches
+from octavcal.loading import load_model
 
 
 def batches_of(paths, count=4, batch_size=32, seed=0):
@@ -131,7 +132,7 @@ def test_weights_unchanged_and_hooks_removed_even_when_forward_fails(cnn_paths):
     loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
     before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
     calibrate(loaded, batches_of(cnn_paths, count=2), CalibrationConfig(methods=("octav",)))
-    bad = octavcal.loading.Batch((torch.randn(4, 3, 8, 8),))
+    bad = octavcal.core.Batch((torch.randn(4, 3, 8, 8),))
     with pytest.raises(
         CalibrationError,
         match=r"Layer 'conv1' \(Conv2d\) expects inputs of shape \(N, 1, \.\.\., "
@@ -156,7 +157,7 @@ MEMORY_SCRIPT = """
 import resource, sys, torch
 from torch import nn
 import octavcal
-from octavcal.loading import Batch
+from octavcal.core import Batch
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 64)).eval()
 def batches(n):
@@ -193,7 +194,7 @@ class Branchy(nn.Module):
 
 
 def test_bit_rules_apply_to_targets_first_seen_in_later_batches():
-    batches = [octavcal.loading.Batch((torch.randn(2, 4),)), octavcal.loading.Batch((torch.randn(3, 4),))]
+    batches = [octavcal.core.Batch((torch.randn(2, 4),)), octavcal.core.Batch((torch.randn(3, 4),))]
     table = calibrate(Branchy(), batches, CalibrationConfig(bits=8, methods=("max",), layer_bits=(("b", 4),)))
     assert table.targets["b:input"].bits == 4 and table.targets["b:weight"].bits == 4
     skipped = calibrate(
@@ -220,7 +221,7 @@ def test_padding_mask_is_not_applied_along_heads():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
     table = calibrate(
         HeadsEqualTokens(),
-        [octavcal.loading.Batch((), {"x": x, "attention_mask": mask})],
+        [octavcal.core.Batch((), {"x": x, "attention_mask": mask})],
         CalibrationConfig(methods=("max",)),
     )
     assert table.targets["q:input"].masked

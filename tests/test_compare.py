@@ -14,7 +14,9 @@ from torch import nn
 import octavcal
 from octavcal import CalibrationConfig
 from octavcal.compare import compare, summarize
-from octavcal.loading import Batch, LoadedModel, load_data, load_model, plan_batches
+from octavcal.core import Batch, LoadedModel
+from octavcal.data import load_data, plan_batches
+from octavcal.loading import load_model
 from octavcal.metrics import significant_minima
 from octavcal.report import write_report
 

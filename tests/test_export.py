@@ -10,9 +10,10 @@ from onnx import numpy_helper
 
 import octavcal
 from octavcal import CalibrationConfig, ScaleFileError, SpecError
+from octavcal.data import load_data, plan_batches
 from octavcal.export.onnx import export_float, export_qdq, ort_overrides
 from octavcal.export.tensorrt import HEADER, calibration_cache, parse_cache, scale_to_hex
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.loading import load_model
 from octavcal.simulate import apply_scales
 
 ort = pytest.importorskip("onnxruntime")
@@ -179,7 +180,7 @@ def test_matmul_with_a_parameter_operand_is_a_layer_and_keeps_positions(tmp_path
     torch.manual_seed(0)
     model = ParamMatmul().eval()
     x = torch.randn(5, 4, 6)
-    from octavcal.loading import Batch, LoadedModel
+    from octavcal.core import Batch, LoadedModel
 
     loaded = LoadedModel(model, "module", None)
     table = octavcal.calibrate(loaded, [Batch((x,))], CalibrationConfig(bits=8, methods=("octav",)))

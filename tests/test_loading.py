@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from octavcal import CalibrationConfig, CalibrationError, LoadError, calibrate
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.data import load_data, plan_batches
+from octavcal.loading import load_model
 from sample_models.digits_cnn import DigitsCNN
 
 
@@ -154,7 +155,7 @@ def test_hugging_face_folder_loads_offline_with_eager_attention(tmp_path, monkey
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(4, 16)
     mask[:, 12:] = 0
-    from octavcal.loading import Batch
+    from octavcal.core import Batch
 
     table = calibrate(
         loaded, [Batch((), {"input_ids": ids, "attention_mask": mask})], CalibrationConfig(methods=("octav",))

@@ -25,8 +25,9 @@ import torch
 
 import octavcal
 from octavcal import CalibrationConfig
+from octavcal.data import load_data, plan_batches
 from octavcal.export.onnx import export_qdq
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.loading import load_model
 from octavcal.simulate import apply_scales
 
 ort = pytest.importorskip("onnxruntime")

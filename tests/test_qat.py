@@ -136,7 +136,7 @@ def test_strip_returns_a_plain_model_and_its_scales():
 
 def test_static_and_first_last_options():
     from octavcal import CalibrationConfig, calibrate
-    from octavcal.loading import Batch
+    from octavcal.core import Batch
 
     torch.manual_seed(2)
     model = Tiny()

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load, save
 
 from octavcal import CalibrationConfig, ScaleFileError, calibrate, load_scales, save_scales
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.data import load_data, plan_batches
+from octavcal.loading import load_model
 
 MUTATIONS = 6000
 SEED = 20240611

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from octavcal import CalibrationConfig, ScaleFileError, calibrate, load_scales, save_scales
-from octavcal.loading import load_data, load_model, plan_batches
+from octavcal.data import load_data, plan_batches
+from octavcal.loading import load_model
 from octavcal.scales import FORMAT_VERSION, MethodScales, ScaleTable, TargetScales
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core import Batch, LoadedModel
 from ..errors import LoadError, ScaleFileError, SpecError
 from ..files import atomic_write
-from ..loading import Batch, LoadedModel
 from ..scales import ScaleTable, TargetScales, check_fingerprint
 
 OPSET = 17
