@@ -622,3 +622,18 @@ def test_compare_measures_every_target_of_a_gpt2(calibrated):
     step = w.abs().amax(0, keepdim=True).double() / 127
     ref = ((w.double() / step).round().clamp(-127, 127) * step - w.double()).square().mean()
     assert row.mse == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_calibration_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    model, batches = _build("F.linear on own Parameters")
+    config = CalibrationConfig(bits=8, methods=("octav", "max", "p99.99"))
+    cpu = octavcal.calibrate(model, batches, config)
+    on_gpu = [octavcal.data.as_batch(b.args[0].cuda(), "b") for b in batches]
+    gpu = octavcal.calibrate(model.cuda(), on_gpu, config)
+    assert set(gpu.targets) == set(cpu.targets)
+    for tid, entry in cpu.targets.items():
+        for method, result in entry.methods.items():
+            torch.testing.assert_close(gpu.targets[tid].methods[method].amax, result.amax, rtol=1e-5, atol=0)

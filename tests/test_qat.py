@@ -1,11 +1,13 @@
 """QAT: each gradient estimator against its formula, Proposition 4.1's premise, and prepare_qat's contract."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from octavcal import fake_quantize, octav
+from octavcal import SpecError, fake_quantize, octav
 from octavcal.qat import fake_quantize_with_grad, prepare_qat, strip
 from octavcal.simulate import apply_scales
 
@@ -157,15 +159,23 @@ def test_static_and_first_last_options():
     assert torch.equal(
         qat.activation_quantizers["<root>:matmul0.lhs"].amax, table.amax("<root>:matmul0.lhs", "octav")
     )
-    with pytest.raises(Exception, match="Unknown grad option 'sgd'"):
+    with pytest.raises(SpecError, match="Unknown grad option 'sgd'"):
         prepare_qat(Tiny(), grad="sgd")
 
 
-def test_qat_on_cuda():
+@pytest.mark.gpu
+def test_qat_on_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    model = Tiny().cuda()
-    qat = prepare_qat(model, bits=4)
+    torch.manual_seed(0)
+    cpu = Tiny()
+    gpu = copy.deepcopy(cpu).cuda()
     x, y = data()
-    F.cross_entropy(qat(x.cuda()), y.cuda()).backward()
-    assert model.fc1.parametrizations.weight.original.grad is not None
+    grads = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        qat = prepare_qat(model, bits=4)
+        F.cross_entropy(qat(x.to(device)), y.to(device)).backward()
+        grads.append(model.fc1.parametrizations.weight.original.grad.cpu())
+        amax = qat.weight_quantizers["fc1:weight"].amax.cpu()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(amax, octav(cpu.fc1.parametrizations.weight.original.detach(), 4, axis=0))
