@@ -6,7 +6,6 @@ with one batch, not with the number of batches. Weights are calibrated once.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import itertools
 import json
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bitrules import BitRules
 from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
 from .core import Batch, LoadedModel, Progress, as_loaded
 from .data import batches_of
@@ -47,6 +47,9 @@ class CalibrationConfig:
     mask_padding: bool = True
     convention: str = "runtime"
     strict: bool = False
+
+    def bit_rules(self) -> BitRules:
+        return BitRules(self.bits, self.layer_bits, self.first_last_bits)
 
     def validate(self) -> list[Method]:
         check_bits(self.bits)
@@ -117,8 +120,8 @@ class _Accumulator:
 
 
 class _Calibrator:
-    def __init__(self, config: CalibrationConfig, methods: list[Method], edges: set[str]):
-        self.config, self.methods, self.edges = config, methods, edges
+    def __init__(self, config: CalibrationConfig, methods: list[Method], rules: BitRules):
+        self.config, self.methods, self.rules = config, methods, rules
         self.acc: dict[str, _Accumulator] = {}
         self.weights: dict[str, TargetScales] = {}
         self.skipped: set[str] = set()
@@ -129,7 +132,7 @@ class _Calibrator:
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
 
     def bits_for(self, target: Target) -> int | None:
-        return bits_for(target, self.config, self.edges)
+        return self.rules.for_target(target)
 
     def start_batch(self, batch: Batch) -> None:
         self.seen.clear()
@@ -226,17 +229,6 @@ def without_padding(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     if mask is None or x.dim() not in (2, 3) or tuple(x.shape[:2]) != tuple(mask.shape):
         return x, False
     return x[mask.to(x.device)], True
-
-
-def bits_for(target: Target, config: CalibrationConfig, edges: set[str]) -> int | None:
-    """The target's bit width (None: skipped): the first matching layer pattern, else the first/last
-    layer rule for Linear/Conv ``edges``, else config.bits. Applied to every target when first seen."""
-    for pattern, bits in config.layer_bits:
-        if fnmatch.fnmatchcase(target.id, pattern) or fnmatch.fnmatchcase(target.module, pattern):
-            return bits
-    if config.first_last_bits and target.module in edges and target.is_layer:
-        return config.first_last_bits
-    return config.bits
 
 
 def weight_scales(
@@ -346,10 +338,7 @@ def calibrate(
             capture(first)
         uncovered, tied = coverage(loaded.module, capture), capture.tied
     fixed_weights = weight_targets(loaded.module)  # TorchScript and exported graphs: their weights by layer
-    layer_order = [t.module for t in dict.fromkeys(found) if t.is_layer and t.kind == "activation"] or [
-        t.module for t, _, _ in fixed_weights
-    ]
-    edges = {layer_order[0], layer_order[-1]} if layer_order else set()
+    rules = config.bit_rules().with_layer_order(found or [t for t, _, _ in fixed_weights])
     if loaded.hookable and not found:
         raise CalibrationError("The model ran, but no linear, convolution or matrix multiplication was seen.")
     refused = [u for u in uncovered if u["category"] in STRICT_CATEGORIES]
@@ -369,7 +358,7 @@ def calibrate(
         )
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
-    calibrator = _Calibrator(config, methods, edges)
+    calibrator = _Calibrator(config, methods, rules)
     if first is not None:
         with capture_activations(loaded, calibrator.deliver) as run:
             for i, batch in enumerate(itertools.chain([first], stream)):
@@ -384,7 +373,7 @@ def calibrate(
         entry.tied = tied.get(entry.param or "", [])
         targets[tid] = entry
     for i, (target, weight, _) in enumerate(fixed_weights):
-        bits = bits_for(target, config, edges)
+        bits = rules.for_target(target)
         if bits is None:
             calibrator.skipped.add(target.id)
             continue
@@ -392,12 +381,8 @@ def calibrate(
         if progress:
             progress("weights", i + 1, len(fixed_weights))
 
-    seen = [*calibrator.acc, *calibrator.skipped, *targets]
-    for pattern, _ in config.layer_bits:
-        if not any(
-            fnmatch.fnmatchcase(t, pattern) or fnmatch.fnmatchcase(t.split(":")[0], pattern) for t in seen
-        ):
-            warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
+    for pattern in rules.unmatched_patterns([*calibrator.acc, *calibrator.skipped, *targets]):
+        warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
     meta = provenance(
         config.convention,
         [m.name for m in methods],

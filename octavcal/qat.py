@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bitrules import BitRules
+from .calibrate import discover_targets
 from .collect import LAYER_TYPES, TRANSPOSED_CONV_TYPES, Target, capture_activations
 from .core import Batch, LoadedModel
 from .errors import SpecError
@@ -158,6 +160,9 @@ class QATModel(nn.Module):
         self.model = model
         self.config = config
         self.activation_quantizers: dict[str, _Quantizer] = {}
+        self.rules = BitRules(
+            config.bits, tuple((name, None) for name in config.skip), config.first_last_bits
+        )
         self.weight_quantizers: dict[str, _Quantizer] = {}
 
     def _activation(self, target: Target, x: torch.Tensor) -> torch.Tensor | None:
@@ -183,12 +188,7 @@ class QATModel(nn.Module):
         return q(x)
 
     def _bits(self, target: Target) -> int | None:
-        if target.module in self.config.skip:
-            return None
-        edges: set[str] = getattr(self, "_edges", set())
-        if self.config.first_last_bits and target.module in edges and target.is_layer:
-            return self.config.first_last_bits
-        return self.config.bits
+        return self.rules.for_target(target)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with capture_activations(LoadedModel(self.model, "module", None), self._activation) as run:  # type: ignore[arg-type]
@@ -266,18 +266,11 @@ def prepare_qat(
     config = QATConfig(bits, weights, activations, grad, first_last_bits, matmuls, convention, scales)
     wrapper = QATModel(model, config)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    edges: set[str] = set()
+    wrapper.rules = BitRules(bits, tuple((name, None) for name in config.skip), first_last_bits)
     if first_last_bits:
         if example is None:
             raise SpecError("first_last_bits needs an example batch to find the first and last layer.")
-        order: list[str] = []
-        with capture_activations(
-            LoadedModel(model, "module", None),
-            lambda t, _: order.append(t.module) if t.role == "input" else None,
-        ) as run:  # type: ignore[arg-type]
-            run(example)
-        edges = {order[0], order[-1]} if order else set()
-    wrapper._edges = edges  # type: ignore[assignment]
+        wrapper.rules = wrapper.rules.with_layer_order(discover_targets(model, example))
     for name, module in layers:
         target = Target(name, "weight", type(module).__name__, "weight", f"{name}.weight")
         bits_w = wrapper._bits(target)
