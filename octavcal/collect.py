@@ -37,6 +37,7 @@ _WEIGHT_SECOND = {
 }
 _MATMULS = {  # these count towards the matmul positions of their module (as in the ONNX graph)
     torch.matmul,
+    torch.linalg.matmul,
     torch.bmm,
     torch.Tensor.matmul,
     torch.Tensor.bmm,
@@ -233,6 +234,8 @@ class _CaptureMode(TorchFunctionMode):
             with self, mock.patch.object(F, "has_torch_function", _never):
                 return func(*args, **kwargs)
         args = tuple(args)
+        if func in _WEIGHT_SECOND and ("input" in kwargs or "weight" in kwargs):
+            args, kwargs = _leading_positional(args, kwargs, ("input", "weight"))
         if func in _WEIGHT_SECOND and len(args) >= 2:
             op, axis = _WEIGHT_SECOND[func]
             args = state.weight_op(op, args, 0, 1, axis, kwargs)
@@ -280,13 +283,11 @@ class _State:
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
             return args
         p = self.params.owner_of(w)
-        if p is None:  # a computed weight (QAT's parametrization): the input still belongs to the layer
+        if p is None:
             if op == "matmul" or op == "mm" or op == "addmm":
                 return args
-            module = self.stack[-1]
-            k = self.positions.next(module, "input")
-            target = Target(module, f"input{k}" if k else "input", op, "activation", "")
-            return _replaced(args, xi, _or(self.deliver(target, x), x))
+            return self.computed_weight_op(op, args, xi, wi, axis)
+        axis = _param_axis(w, p, axis)
         name = self.params.name_in(p, self.stack)
         first = self.params.names[id(p)][0]
         module, _, leaf = name.rpartition(".")
@@ -306,6 +307,19 @@ class _State:
         new_x = self.deliver(Target(module, irole, op, "activation", name), x)
         return _replaced(args, xi, _or(new_x, x))
 
+    def computed_weight_op(
+        self, op: str, args: tuple[Any, ...], xi: int, wi: int, axis: int
+    ) -> tuple[Any, ...]:
+        """A linear/conv whose weight is computed in the forward pass (weight norm, a parametrization,
+        a cast): the weight and input are named after the module that runs it (``param`` '')."""
+        module = self.stack[-1]
+        k = self.positions.next(module, "input")
+        weight = self.deliver(Target(module, "weight", op, "weight", "", axis), args[wi].detach())
+        if weight is not None:
+            args = _replaced(args, wi, weight)
+        target = Target(module, f"input{k}" if k else "input", op, "activation", "")
+        return _replaced(args, xi, _or(self.deliver(target, args[xi]), args[xi]))
+
     def product(self, op: str, args: tuple[Any, ...], li: int, ri: int, count: bool) -> tuple[Any, ...]:
         """A matrix product: with a Parameter operand it is a layer (transformers' Conv1D is an addmm
         with the weight stored (in, out)); between activations its operands are targets."""
@@ -313,10 +327,10 @@ class _State:
         module = self.stack[-1]
         i = self.positions.next(module, "matmul") if count else 0
         rp, lp = self.params.owner_of(rhs), self.params.owner_of(lhs)
-        if rp is not None and rp.dim() >= 2:  # x @ W: output features along W's last axis
-            return self.weight_op(op, args, li, ri, rp.dim() - 1, {})
-        if lp is not None and lp.dim() >= 2:  # W @ x: output features along W's second-to-last axis
-            return self.weight_op(op, args, ri, li, lp.dim() - 2, {})
+        if rp is not None and rhs.dim() >= 2:  # x @ W: output features along W's last axis
+            return self.weight_op(op, args, li, ri, rhs.dim() - 1, {})
+        if lp is not None and lhs.dim() >= 2:  # W @ x: output features along W's second-to-last axis
+            return self.weight_op(op, args, ri, li, lhs.dim() - 2, {})
         if not count:  # mm/addmm between activations were never targets (as in the ONNX graph's Gemm)
             return args
         new_l = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
@@ -324,6 +338,8 @@ class _State:
         return _replaced(_replaced(args, li, new_l), ri, new_r)
 
     def sdpa(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if self.record_uses:  # a Parameter as query, key or value is a product octavcal does not model
+            self.record("scaled_dot_product_attention", tuple(args), kwargs)
         module = self.stack[-1]
         i = self.positions.next(module, "sdpa")
         for j, name in enumerate(("query", "key", "value")):
@@ -334,6 +350,28 @@ class _State:
                     self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key]
                 )
         return tuple(args)
+
+
+def _leading_positional(
+    args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``F.linear(input=x, weight=w)`` as ``F.linear(x, w)``: the leading arguments by position."""
+    args, kwargs = tuple(args), dict(kwargs)
+    for name in names[len(args) :]:
+        if name not in kwargs:
+            break
+        args += (kwargs.pop(name),)
+    return args, kwargs
+
+
+def _param_axis(view: torch.Tensor, param: torch.Tensor, axis: int) -> int:
+    """The Parameter's axis that ``view``'s ``axis`` runs along (``x @ W.T`` reads W's rows as
+    columns; a chunk keeps the axes), found by stride and size."""
+    if view is param:
+        return axis
+    stride, size = view.stride(axis), view.size(axis)
+    same = [d for d in range(param.dim()) if param.stride(d) == stride]
+    return next((d for d in same if param.size(d) == size), same[0] if same else axis)
 
 
 def _replaced(args: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
@@ -444,9 +482,17 @@ def coverage(model: nn.Module, capture: Capture) -> list[dict[str, Any]]:
     """
     out = []
     for name, p in model.named_parameters():
-        if p.dim() < 2 or not p.is_floating_point() or name in capture.calibrated:
+        if p.dim() < 2 or not p.is_floating_point():
             continue
         ops = sorted(capture.uses.get(name, ()))
+        if name in capture.calibrated:
+            other = sorted(set(ops) & (_UNMODELLED_PRODUCTS | _RECURRENT))
+            if other:  # calibrated where a modelled op reads it, but not where this one does
+                reason = f"also read by {', '.join(other)}, which octavcal does not model (that use is float)"
+                out.append(
+                    {"parameter": name, "shape": list(p.shape), "category": "unmodelled", "reason": reason}
+                )
+            continue
         if set(ops) & _EMBEDDINGS:
             category, reason = "embedding", "embedding table (a lookup, not a product)"
         elif set(ops) & _RECURRENT:

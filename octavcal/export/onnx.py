@@ -10,6 +10,7 @@ offline and quantized per output channel (``axis`` of QuantizeLinear).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -74,6 +75,12 @@ def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]
     fixed = {"use_cache": False} if "use_cache" in signature and "use_cache" not in batch.kwargs else {}
     fixed |= {k: v for k, v in batch.kwargs.items() if k not in kwargs}
     names = [f"input{i}" for i in range(len(batch.args))] + list(kwargs)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()):
+        # QDQ carries float32 scales and activations: export a float32 copy (the same values for
+        # bfloat16/float16 weights, so they still match their scales).
+        module = copy.deepcopy(module).float()
+        batch = batch.to("cpu", torch.float32)
+        kwargs = {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}
     wrapper = _TensorInputs(module, len(batch.args), list(kwargs), fixed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,6 +123,29 @@ def _edge(
     )
 
 
+def _onnx_scope(module: str, by_scope: dict[str, list[Any]]) -> str:
+    """The exporter names scopes by the modules actually called: a head that calls
+    ``self.model.decoder(...)`` directly gives 'decoder.layers.0', not 'model.decoder.layers.0'."""
+    if module in by_scope:
+        return module
+    parts = module.split(".")
+    return next(
+        (".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in by_scope), module
+    )
+
+
+def _repeated_calls(module: str, by_scope: dict[str, list[Any]], table: ScaleTable) -> list[Any]:
+    """The nodes of every call of ``module``, in order: the exporter names the second call of a shared
+    module (ALBERT's layers) 'attention_1', the third 'attention_2' (unless that is a real module)."""
+    scope = _onnx_scope(module, by_scope)
+    real = {e.module for e in table.targets.values()}
+    nodes, k = list(by_scope.get(scope, [])), 1
+    while f"{scope}_{k}" in by_scope and f"{module}_{k}" not in real:
+        nodes += by_scope[f"{scope}_{k}"]
+        k += 1
+    return nodes
+
+
 def _initializers_by_value(graph: Any) -> dict[tuple[tuple[int, ...], bytes], str]:
     """Float initializers with 2+ dimensions by (shape, digest of their float32 bytes)."""
     from onnx import numpy_helper
@@ -134,16 +164,27 @@ def _digest(a: np.ndarray) -> tuple[tuple[int, ...], bytes]:
     return tuple(a.shape), hashlib.sha1(a.tobytes()).digest()
 
 
+def _identity_aliases(graph: Any) -> dict[str, str]:
+    """Identity outputs -> the tensor they pass on: the exporter shares one initializer between the
+    calls of a reused layer (ALBERT) through Identity nodes."""
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity":
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+    return alias
+
+
 def _param_edges(
     graph: Any, params: dict[str, torch.Tensor], by_value: dict[tuple[tuple[int, ...], bytes], str]
 ) -> dict[str, tuple[list[tuple[Any, int]], bool]]:
     """Per Parameter name: the layer nodes reading its initializer, with the weight's input index, in
     graph (= call) order, and whether the initializer holds it transposed (a MatMul's W^T)."""
+    alias = _identity_aliases(graph)
     consumers: dict[str, list[tuple[Any, int]]] = {}
     for node in graph.node:
         if node.op_type in _LAYER_OPS:
             for index, name in enumerate(node.input[:2]):
-                consumers.setdefault(name, []).append((node, index))
+                consumers.setdefault(alias.get(name, name), []).append((node, index))
     out = {}
     for pname, p in params.items():
         w = p.detach().to("cpu", torch.float32).numpy()
@@ -196,7 +237,7 @@ def locate_targets(
                 _edge(tid, entry, node, 1 - index if node.op_type in ("Gemm", "MatMul") else 0, None, scale)
             )
             continue
-        nodes = by_scope.get(entry.module, [])
+        nodes = by_scope.get(_onnx_scope(entry.module, by_scope), [])
         layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
         if entry.role in ("input", "weight") and layer:  # version 1 files and exported programs
             node = layer[0]
@@ -215,7 +256,7 @@ def locate_targets(
             position, side = entry.role[len("matmul") :].split(".")
             # Every MatMul in the module's own scope counts, parameter operands included, as in
             # calibration; a child Linear's MatMul lives in the child's scope.
-            matmuls = [n for n in nodes if n.op_type == "MatMul"]
+            matmuls = [n for n in _repeated_calls(entry.module, by_scope, table) if n.op_type == "MatMul"]
             if int(position) < len(matmuls):
                 node = matmuls[int(position)]
                 index = 0 if side == "lhs" else 1
@@ -227,9 +268,10 @@ def locate_targets(
     if missing:
         raise ScaleFileError(
             f"{len(missing)} targets have no counterpart in the exported ONNX graph: "
-            f"{', '.join(missing[:5])}. A weight must reach a Gemm, MatMul or Conv as an initializer "
-            "(a sliced weight, as in cross-attention's in-projection, does not); sdpa operands export as "
-            "one fused op: use explicit-matmul (eager) attention."
+            f"{', '.join(missing[:5])}. A weight must reach a Gemm, MatMul or Conv unchanged as an "
+            "initializer; it does not when it is sliced (cross-attention's in-projection), computed in the "
+            "forward pass (weight norm), or folded by the exporter (a Conv followed by BatchNorm). sdpa "
+            "operands export as one fused op: use explicit-matmul (eager) attention."
         )
     return found
 
@@ -241,6 +283,7 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     inits = {i.name: i for i in graph.initializer}
+    aliases = _identity_aliases(graph)
     new_nodes: dict[str, list[Any]] = {}
     replaced: set[str] = set()
     for k, t in enumerate(targets):
@@ -260,7 +303,8 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
         scale = np.asarray(t.scale, dtype=np.float32)
         amax = scale * qmax
         if t.kind == "weight":
-            w = numpy_helper.to_array(inits[node.input[t.input_index]]).astype(np.float32)
+            source_name = node.input[t.input_index]
+            w = numpy_helper.to_array(inits[aliases.get(source_name, source_name)]).astype(np.float32)
             shape = [1] * w.ndim
             if t.axis is not None:
                 shape[t.axis] = -1
@@ -390,11 +434,29 @@ def export_qdq(
     targets = locate_targets(onnx_model.graph, table, method, _params(model))
     insert_qdq(onnx_model, targets, table)
     onnx.checker.check_model(onnx_model)
+    _check_runs(onnx_model)
     mapping = _mapping(targets, table, method, inputs)
     path = Path(path)
     atomic_write(path, onnx_model.SerializeToString())
     atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(mapping, indent=1).encode())
     return mapping
+
+
+def _check_runs(onnx_model: Any) -> None:
+    """Refuse a graph ONNX Runtime cannot load (PyTorch's exporter can emit types ORT lacks), when
+    ONNX Runtime is installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoadError(f"ONNX Runtime cannot load the exported model: {message}") from exc
 
 
 def ort_overrides(table: ScaleTable, method: str, mapping: dict[str, Any]) -> dict[str, Any]:
