@@ -21,6 +21,7 @@ from .collect import Target, capture_activations, weight_targets
 from .core import LoadedModel, Progress, as_loaded
 from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
+from .findings import AppendixFRow, AppendixGFinding, ComparisonSummary, MethodSummary
 from .grid import rows_from
 from .methods import _sweep_sse
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
@@ -65,7 +66,7 @@ class TargetReport:
     # per bit width: the clipping scalars of the curve and each batch's MSE there (batches, points)
     curve_s: dict[int, list[float]] = field(default_factory=dict)
     curves: dict[int, list[list[float]]] = field(default_factory=dict)
-    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[AppendixGFinding] = field(default_factory=list)
 
     def best_mse(self, bits: int) -> float:
         return min(r.mse for r in self.rows if r.bits == bits)
@@ -236,7 +237,9 @@ def _assemble(
             if (tid, b) in ev.curves:
                 rep.curve_s[b] = ev.curve_s[(tid, b)].tolist()
                 rep.curves[b] = ev.curves[(tid, b)]
-            rep.findings += _appendix_g(rep, b, table)
+            finding = _appendix_g(rep, b, table)
+            if finding is not None:
+                rep.findings.append(finding)
     return ComparisonReport(
         reports,
         first.methods,
@@ -247,7 +250,7 @@ def _assemble(
     )
 
 
-def _appendix_g(rep: TargetReport, bits: int, table: ScaleTable) -> list[dict[str, Any]]:
+def _appendix_g(rep: TargetReport, bits: int, table: ScaleTable) -> AppendixGFinding | None:
     """Flag a non-convex MSE (more than one significant minimum) or OCTAV vs sweep more than 2x apart."""
     rows = {r.method: r for r in rep.rows if r.bits == bits}
     octav, sweep = rows.get("octav"), rows.get("sweep")
@@ -260,79 +263,95 @@ def _appendix_g(rep: TargetReport, bits: int, table: ScaleTable) -> list[dict[st
     if octav and sweep and rep.kind == "activation":
         ratio = max(sweep.amax[0] / octav.amax[0], octav.amax[0] / sweep.amax[0])
     if not nonconvex and (ratio is None or ratio <= DISAGREEMENT):
-        return []
-    entry = table.targets[rep.target]
-    per_batch = {}
-    o, s = (
-        entry.methods["octav"].per_batch if octav else None,
-        entry.methods["sweep"].per_batch if sweep else None,
+        return None
+    methods = table.targets[rep.target].methods
+    octav_per_batch = methods["octav"].per_batch if octav else None
+    sweep_per_batch = methods["sweep"].per_batch if sweep else None
+    per_batch: dict[str, list[float]] = {}
+    disagree: list[int] = []
+    if octav_per_batch is not None and sweep_per_batch is not None:
+        per_batch = {"octav": octav_per_batch.tolist(), "sweep": sweep_per_batch.tolist()}
+        ratios = [
+            max(float(s / o), float(o / s)) for o, s in zip(octav_per_batch, sweep_per_batch, strict=True)
+        ]
+        disagree = [i for i, batch_ratio in enumerate(ratios) if batch_ratio > DISAGREEMENT]
+    return AppendixGFinding(
+        target=rep.target,
+        bits=bits,
+        minima_per_batch=[len(m) for m in minima],
+        nonconvex_batches=nonconvex,
+        disagreeing_batches=disagree,
+        octav_amax=octav.amax[0] if octav else None,
+        sweep_amax=sweep.amax[0] if sweep else None,
+        octav_mse=octav.mse if octav else None,
+        sweep_mse=sweep.mse if sweep else None,
+        ratio=ratio,
+        sweep_small_zeroed_fraction=(
+            sweep.calib.small_zeroed / sweep.calib.small if sweep and sweep.calib.small else None
+        ),
+        per_batch_amax=per_batch,
     )
-    if o is not None and s is not None:
-        per_batch = {"octav": o.tolist(), "sweep": s.tolist()}
-        disagree = [i for i in range(len(o)) if max(float(s[i] / o[i]), float(o[i] / s[i])) > DISAGREEMENT]
-    else:
-        disagree = []
-    return [
-        {
-            "target": rep.target,
-            "bits": bits,
-            "minima_per_batch": [len(m) for m in minima],
-            "nonconvex_batches": nonconvex,
-            "disagreeing_batches": disagree,
-            "octav_amax": octav.amax[0] if octav else None,
-            "sweep_amax": sweep.amax[0] if sweep else None,
-            "octav_mse": octav.mse if octav else None,
-            "sweep_mse": sweep.mse if sweep else None,
-            "ratio": ratio,
-            "sweep_small_zeroed_fraction": (
-                sweep.calib.small_zeroed / sweep.calib.small if sweep and sweep.calib.small else None
-            ),
-            "per_batch_amax": per_batch,
-        }
-    ]
+
+
+def comparison_summary(report: ComparisonReport) -> ComparisonSummary:
+    """Per method and bit width: mean and worst relative MSE, wins, seconds; Appendices F and G."""
+    methods = [_method_summary(report, m, b) for b in report.bits for m in report.methods]
+    return ComparisonSummary(
+        methods=methods,
+        appendix_f=_appendix_f(report.methods, methods),
+        appendix_g=[f for rep in report.targets.values() for f in rep.findings],
+    )
 
 
 def summarize(report: ComparisonReport) -> dict[str, Any]:
-    """Per method and bit width: mean and worst relative MSE, wins, seconds; Appendix F's table."""
-    out: dict[str, Any] = {"methods": {}, "appendix_f": {}}
-    for b in report.bits:
-        for m in report.methods:
-            rel, wins, sec_w, sec_a, n_w, n_a = [], 0, 0.0, 0.0, 0, 0
-            for rep in report.targets.values():
-                row = next((r for r in rep.rows if r.bits == b and r.method == m), None)
-                if row is None:
-                    continue
-                rel.append(rep.relative_mse(row))
-                wins += row.mse <= rep.best_mse(b)
-                if rep.kind == "weight":
-                    sec_w, n_w = sec_w + row.seconds * row.calls, n_w + row.calls
-                else:
-                    sec_a, n_a = sec_a + row.seconds * row.calls, n_a + row.calls
-            out["methods"][f"{m}@{b}"] = {
-                "method": m,
-                "bits": b,
-                "mean_relative_mse": sum(rel) / len(rel) if rel else None,
-                "worst_relative_mse": max(rel) if rel else None,
-                "wins": wins,
-                "seconds_per_weight": sec_w / n_w if n_w else None,
-                "seconds_per_activation": sec_a / n_a if n_a else None,
-                "total_seconds": sec_w + sec_a,
-                "weight_tensors": n_w,
-                "activation_tensors": n_a,
-            }
-    for m in report.methods:
-        rows = [v for v in out["methods"].values() if v["method"] == m]
-        out["appendix_f"][m] = {
-            "seconds_per_weight": _mean([r["seconds_per_weight"] for r in rows]),
-            "seconds_per_activation": _mean([r["seconds_per_activation"] for r in rows]),
-            "total_seconds": sum(r["total_seconds"] for r in rows) / max(len(rows), 1),
-        }
-    if "octav" in out["appendix_f"]:
-        base = out["appendix_f"]["octav"]["total_seconds"]
-        for v in out["appendix_f"].values():
-            v["octav_speedup"] = v["total_seconds"] / base if base else None
-    out["appendix_g"] = [f for rep in report.targets.values() for f in rep.findings]
-    return out
+    """``comparison_summary`` as JSON-able dicts (report.json's "summary", ``compare --json``)."""
+    return comparison_summary(report).as_dict()
+
+
+def _method_summary(report: ComparisonReport, method: str, bits: int) -> MethodSummary:
+    """One method at one bit width over every target that has it: relative MSE, wins, time per tensor."""
+    relative, wins, sec_w, sec_a, n_w, n_a = [], 0, 0.0, 0.0, 0, 0
+    for rep in report.targets.values():
+        row = next((r for r in rep.rows if r.bits == bits and r.method == method), None)
+        if row is None:
+            continue
+        relative.append(rep.relative_mse(row))
+        wins += row.mse <= rep.best_mse(bits)
+        if rep.kind == "weight":
+            sec_w, n_w = sec_w + row.seconds * row.calls, n_w + row.calls
+        else:
+            sec_a, n_a = sec_a + row.seconds * row.calls, n_a + row.calls
+    return MethodSummary(
+        method=method,
+        bits=bits,
+        mean_relative_mse=sum(relative) / len(relative) if relative else None,
+        worst_relative_mse=max(relative) if relative else None,
+        wins=wins,
+        seconds_per_weight=sec_w / n_w if n_w else None,
+        seconds_per_activation=sec_a / n_a if n_a else None,
+        total_seconds=sec_w + sec_a,
+        weight_tensors=n_w,
+        activation_tensors=n_a,
+    )
+
+
+def _appendix_f(names: list[str], summaries: list[MethodSummary]) -> list[AppendixFRow]:
+    """Each method's time per tensor averaged over the bit widths, and its total time over OCTAV's."""
+    per_method = {name: [s for s in summaries if s.method == name] for name in names}
+    totals = {
+        name: sum(s.total_seconds for s in runs) / max(len(runs), 1) for name, runs in per_method.items()
+    }
+    octav_total = totals.get("octav")
+    return [
+        AppendixFRow(
+            method=name,
+            seconds_per_weight=_mean([s.seconds_per_weight for s in runs]),
+            seconds_per_activation=_mean([s.seconds_per_activation for s in runs]),
+            total_seconds=totals[name],
+            octav_speedup=totals[name] / octav_total if octav_total else None,
+        )
+        for name, runs in per_method.items()
+    ]
 
 
 def _mean(values: list[float | None]) -> float | None:

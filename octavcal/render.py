@@ -6,12 +6,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .findings import AppendixFRow, AppendixGFinding, MethodSummary
+from .metrics import sqnr_db
 from .scales import ScaleTable
+
+if TYPE_CHECKING:
+    from .compare import ComparisonReport
 
 # Results go to stdout; piped output gets a wide page rather than rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -156,11 +161,18 @@ def render_scales(table: ScaleTable, method: str | None) -> None:
     console.print(tbl)
 
 
-def render_comparison(report: Any) -> None:
+def render_comparison(report: ComparisonReport) -> None:
     """`compare`: methods by relative MSE, Appendix F's timing, Appendix G's findings, worst targets."""
-    from .compare import summarize
+    from .compare import comparison_summary
 
-    summary = summarize(report)
+    summary = comparison_summary(report)
+    _render_methods(report, summary.methods)
+    _render_appendix_f(summary.appendix_f)
+    _render_appendix_g(summary.appendix_g)
+    _render_worst_targets(report)
+
+
+def _render_methods(report: ComparisonReport, methods: list[MethodSummary]) -> None:
     tbl = Table(
         title=f"Methods over {len(report.targets)} targets ({report.batches} calibration, "
         f"{report.heldout_batches} held-out batches); MSE relative to the best method per target"
@@ -176,73 +188,79 @@ def render_comparison(report: Any) -> None:
         "total s",
     ):
         tbl.add_column(col, justify="left" if col == "method" else "right")
-    for v in summary["methods"].values():
+    for m in methods:
         tbl.add_row(
-            v["method"],
-            str(v["bits"]),
-            _num(v["mean_relative_mse"]),
-            _num(v["worst_relative_mse"]),
-            str(v["wins"]),
-            _num(v["seconds_per_weight"]),
-            _num(v["seconds_per_activation"]),
-            _num(v["total_seconds"]),
+            m.method,
+            str(m.bits),
+            _num(m.mean_relative_mse),
+            _num(m.worst_relative_mse),
+            str(m.wins),
+            _num(m.seconds_per_weight),
+            _num(m.seconds_per_activation),
+            _num(m.total_seconds),
         )
     console.print(tbl)
-    f = Table(title="Appendix F: calibration time per tensor (averaged over bit widths)")
+
+
+def _render_appendix_f(rows: list[AppendixFRow]) -> None:
+    tbl = Table(title="Appendix F: calibration time per tensor (averaged over bit widths)")
     for col in ("method", "s/weight", "s/activation", "total s", "x OCTAV's time"):
-        f.add_column(col, justify="left" if col == "method" else "right")
-    for m, v in summary["appendix_f"].items():
-        f.add_row(
-            m,
-            _num(v["seconds_per_weight"]),
-            _num(v["seconds_per_activation"]),
-            _num(v["total_seconds"]),
-            _num(v.get("octav_speedup")),
+        tbl.add_column(col, justify="left" if col == "method" else "right")
+    for row in rows:
+        tbl.add_row(
+            row.method,
+            _num(row.seconds_per_weight),
+            _num(row.seconds_per_activation),
+            _num(row.total_seconds),
+            _num(row.octav_speedup),
         )
-    console.print(f)
-    g = summary["appendix_g"]
-    if g:
-        t = Table(title="Appendix G: non-convex MSE, or OCTAV and the sweep more than 2x apart")
-        for col in (
-            "target",
-            "bits",
-            "octav",
-            "sweep",
-            "MSE octav",
-            "MSE sweep",
-            "bulk zeroed by sweep",
-            "non-convex batches",
-            "disagreeing batches",
-        ):
-            t.add_column(col, overflow="fold")
-        for x in g:
-            t.add_row(
-                x["target"],
-                str(x["bits"]),
-                _num(x["octav_amax"]),
-                _num(x["sweep_amax"]),
-                _num(x["octav_mse"]),
-                _num(x["sweep_mse"]),
-                _num(x["sweep_small_zeroed_fraction"]),
-                str(x["nonconvex_batches"]),
-                str(x["disagreeing_batches"]),
-            )
-        console.print(t)
-    else:
+    console.print(tbl)
+
+
+def _render_appendix_g(findings: list[AppendixGFinding]) -> None:
+    if not findings:
         console.print(
             "Appendix G: every target's MSE had one minimum, and OCTAV and the sweep agreed within 2x."
         )
+        return
+    tbl = Table(title="Appendix G: non-convex MSE, or OCTAV and the sweep more than 2x apart")
+    for col in (
+        "target",
+        "bits",
+        "octav",
+        "sweep",
+        "MSE octav",
+        "MSE sweep",
+        "bulk zeroed by sweep",
+        "non-convex batches",
+        "disagreeing batches",
+    ):
+        tbl.add_column(col, overflow="fold")
+    for f in findings:
+        tbl.add_row(
+            f.target,
+            str(f.bits),
+            _num(f.octav_amax),
+            _num(f.sweep_amax),
+            _num(f.octav_mse),
+            _num(f.sweep_mse),
+            _num(f.sweep_small_zeroed_fraction),
+            str(f.nonconvex_batches),
+            str(f.disagreeing_batches),
+        )
+    console.print(tbl)
+
+
+def _render_worst_targets(report: ComparisonReport, count: int = 8) -> None:
     worst = sorted(
         ((rep.relative_mse(r), rep.target, r) for rep in report.targets.values() for r in rep.rows),
         key=lambda x: -x[0],
-    )[:8]
-    w = Table(title="Worst targets (method, bits: MSE relative to the best method)")
+    )[:count]
+    tbl = Table(title="Worst targets (method, bits: MSE relative to the best method)")
     for col in ("target", "method", "bits", "rel. MSE", "SQNR dB", "clipped", "zeroed"):
-        w.add_column(col)
-    from .metrics import sqnr_db
-
+        tbl.add_column(col)
     for rel, tid, r in worst:
-        w.add_row(
+        tbl.add_row(
             tid,
             r.method,
             str(r.bits),
@@ -251,7 +269,7 @@ def render_comparison(report: Any) -> None:
             _num(r.calib.clipped / max(r.calib.values, 1)),
             _num(r.calib.zeroed / max(r.calib.values, 1)),
         )
-    console.print(w)
+    console.print(tbl)
 
 
 def _num(v: Any) -> str:

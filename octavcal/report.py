@@ -8,11 +8,13 @@ import html
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import ComparisonReport, summarize
+from .compare import ComparisonReport, comparison_summary
 from .files import atomic_write
+from .findings import ComparisonSummary
 from .metrics import sqnr_db
 
 CSV_COLUMNS = [
@@ -34,6 +36,24 @@ CSV_COLUMNS = [
     "zeroed_fraction",
     "seconds_per_call",
     "calls",
+]
+
+
+# report.html's summary tables: one column per field of MethodSummary, AppendixFRow, AppendixGFinding
+_TIME_COLUMNS = ["seconds_per_weight", "seconds_per_activation", "total_seconds"]
+METHOD_COLUMNS = ["method", "bits", "mean_relative_mse", "worst_relative_mse", "wins", *_TIME_COLUMNS]
+APPENDIX_F_COLUMNS = ["method", *_TIME_COLUMNS, "octav_speedup"]
+APPENDIX_G_COLUMNS = [
+    "target",
+    "bits",
+    "octav_amax",
+    "sweep_amax",
+    "octav_mse",
+    "sweep_mse",
+    "ratio",
+    "sweep_small_zeroed_fraction",
+    "nonconvex_batches",
+    "disagreeing_batches",
 ]
 
 
@@ -80,14 +100,14 @@ def write_report(
     report: ComparisonReport, out: Path, *, plots: bool = True, max_curve_plots: int = 6
 ) -> dict[str, Path]:
     """Write every file into ``out`` and return their paths by kind."""
-    summary = summarize(report)
+    summary = comparison_summary(report)
     rows = target_rows(report)
     paths = {"json": out / "report.json", "csv": out / "targets.csv", "html": out / "report.html"}
     curves = {
         t: {"s": rep.curve_s, "mse_per_batch": rep.curves} for t, rep in report.targets.items() if rep.curves
     }
     doc = {
-        "summary": summary,
+        "summary": summary.as_dict(),
         "targets": rows,
         "curves": curves,
         "batches": report.batches,
@@ -110,7 +130,7 @@ def write_report(
     return paths
 
 
-def _plots(report: ComparisonReport, summary: dict[str, Any], max_curve_plots: int) -> dict[str, bytes]:
+def _plots(report: ComparisonReport, summary: ComparisonSummary, max_curve_plots: int) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +144,7 @@ def _plots(report: ComparisonReport, summary: dict[str, Any], max_curve_plots: i
 
     images = {}
     bits = report.bits[0]
-    flagged = [f["target"] for f in summary["appendix_g"] if f["bits"] == bits]
+    flagged = [f.target for f in summary.appendix_g if f.bits == bits]
     worst = sorted(
         (rep for rep in report.targets.values() if rep.curves.get(bits)),
         key=lambda rep: -max((rep.relative_mse(r) for r in rep.rows if r.bits == bits), default=1),
@@ -164,28 +184,42 @@ def _plots(report: ComparisonReport, summary: dict[str, Any], max_curve_plots: i
         ax.legend(fontsize=7)
         images[f"scalars_{kind}"] = png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    f = summary["appendix_f"]
-    ax.bar(list(f), [v["total_seconds"] for v in f.values()])
+    ax.bar([row.method for row in summary.appendix_f], [row.total_seconds for row in summary.appendix_f])
     ax.set(title="Calibration time per method (Appendix F)", ylabel="seconds")
     images["time"] = png(fig)
     return images
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def _table(columns: list[str], rows: list[Sequence[Any]]) -> str:
+    """An HTML table: one heading per column, one cell per value of each row."""
+
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _summary_tables(summary: ComparisonSummary) -> str:
+    """The Methods, Appendix F and Appendix G sections of report.html: one column per field named."""
+
+    def table(items: Sequence[Any], fields: list[str]) -> str:
+        return _table(fields, [[getattr(item, name) for name in fields] for item in items])
+
+    return (
+        "<h2>Methods</h2>"
+        + table(summary.methods, METHOD_COLUMNS)
+        + "<h2>Appendix F: time</h2>"
+        + table(summary.appendix_f, APPENDIX_F_COLUMNS)
+        + "<h2>Appendix G: non-convex MSE or OCTAV vs sweep &gt; 2x</h2>"
+        + (table(summary.appendix_g, APPENDIX_G_COLUMNS) if summary.appendix_g else "<p>None.</p>")
+    )
+
+
 def _html(
-    report: ComparisonReport, summary: dict[str, Any], rows: list[dict[str, Any]], images: dict[str, bytes]
+    report: ComparisonReport, summary: ComparisonSummary, rows: list[dict[str, Any]], images: dict[str, bytes]
 ) -> str:
-    methods = [dict(v, key=k) for k, v in summary["methods"].items()]
-    app_f = [dict(v, method=k) for k, v in summary["appendix_f"].items()]
-    app_g = [{k: v for k, v in g.items() if k != "per_batch_amax"} for g in summary["appendix_g"]]
     figs = "".join(
         f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
         f"<figcaption>{n}</figcaption></figure>"
@@ -201,47 +235,9 @@ def _html(
         f"<style>{style}</style></head><body><h1>octavcal comparison</h1>"
         f"<p>{report.batches} calibration batches, {report.heldout_batches} held-out batches, bits "
         f"{', '.join(map(str, report.bits))}, methods {', '.join(report.methods)}.</p>"
-        "<h2>Methods</h2>"
-        + _table(
-            methods,
-            [
-                "method",
-                "bits",
-                "mean_relative_mse",
-                "worst_relative_mse",
-                "wins",
-                "seconds_per_weight",
-                "seconds_per_activation",
-                "total_seconds",
-            ],
-        )
-        + "<h2>Appendix F: time</h2>"
-        + _table(
-            app_f,
-            ["method", "seconds_per_weight", "seconds_per_activation", "total_seconds", "octav_speedup"],
-        )
-        + "<h2>Appendix G: non-convex MSE or OCTAV vs sweep &gt; 2x</h2>"
-        + (
-            _table(
-                app_g,
-                [
-                    "target",
-                    "bits",
-                    "octav_amax",
-                    "sweep_amax",
-                    "octav_mse",
-                    "sweep_mse",
-                    "ratio",
-                    "sweep_small_zeroed_fraction",
-                    "nonconvex_batches",
-                    "disagreeing_batches",
-                ],
-            )
-            if app_g
-            else "<p>None.</p>"
-        )
+        + _summary_tables(summary)
         + f"<h2>Plots</h2>{figs}<h2>Targets</h2>"
-        + _table(rows, CSV_COLUMNS)
+        + _table(CSV_COLUMNS, [[r[c] for c in CSV_COLUMNS] for r in rows])
         + "</body></html>"
     )
 

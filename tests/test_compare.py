@@ -13,7 +13,7 @@ from torch import nn
 
 import octavcal
 from octavcal import CalibrationConfig
-from octavcal.compare import compare, summarize
+from octavcal.compare import compare, comparison_summary, summarize
 from octavcal.core import Batch, LoadedModel
 from octavcal.data import load_data, plan_batches
 from octavcal.loading import load_model
@@ -87,13 +87,75 @@ def test_planted_outliers_are_flagged_as_appendix_g():
         batches.append(Batch((x,)))
     loaded = LoadedModel(model, "module", None)
     report = compare(loaded, lambda: iter(batches), None, CalibrationConfig(methods=("octav", "sweep")), [4])
-    findings = [f for f in summarize(report)["appendix_g"] if f["target"] == "0:input"]
+    findings = [f for f in comparison_summary(report).appendix_g if f.target == "0:input"]
     assert len(findings) == 1
     f = findings[0]
-    assert f["sweep_amax"] > 300 and 3 < f["octav_amax"] < 10 and f["ratio"] > 2
-    assert f["sweep_small_zeroed_fraction"] > 0.99  # the sweep's choice rounds the bulk to zero
-    assert f["nonconvex_batches"] == [0, 1, 2] and f["disagreeing_batches"] == [0, 1, 2]
-    assert f["sweep_mse"] < f["octav_mse"]  # the sweep is right about MSE; OCTAV keeps the bulk
+    assert f.sweep_amax is not None and f.octav_amax is not None and f.ratio is not None
+    assert f.sweep_amax > 300 and 3 < f.octav_amax < 10 and f.ratio > 2
+    assert f.sweep_small_zeroed_fraction is not None
+    assert f.sweep_small_zeroed_fraction > 0.99  # the sweep's choice rounds the bulk to zero
+    assert f.nonconvex_batches == [0, 1, 2] and f.disagreeing_batches == [0, 1, 2]
+    assert f.sweep_mse is not None and f.octav_mse is not None
+    assert f.sweep_mse < f.octav_mse  # the sweep is right about MSE; OCTAV keeps the bulk
+    assert set(f.per_batch_amax) == {"octav", "sweep"} and len(f.per_batch_amax["sweep"]) == 3
+    assert report.targets["0:input"].findings == [f]
+
+
+def _planted_report(methods):
+    model = nn.Sequential(nn.Linear(1000, 4)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 1000, generator=gen)
+    x[0, :3] = 350.0
+    loaded = LoadedModel(model, "module", None)
+    return compare(loaded, lambda: iter([Batch((x,))]), None, CalibrationConfig(methods=methods), [4, 8])
+
+
+GENERIC_KEYS = ["method", "bits", "mean_relative_mse", "worst_relative_mse", "wins"]
+TIME_KEYS = ["seconds_per_weight", "seconds_per_activation", "total_seconds"]
+FINDING_KEYS = [
+    "target",
+    "bits",
+    "minima_per_batch",
+    "nonconvex_batches",
+    "disagreeing_batches",
+    "octav_amax",
+    "sweep_amax",
+    "octav_mse",
+    "sweep_mse",
+    "ratio",
+    "sweep_small_zeroed_fraction",
+    "per_batch_amax",
+]
+
+
+@pytest.mark.parametrize("methods", [("octav", "sweep"), ("sweep", "max")])
+def test_summary_json_keeps_its_keys(methods):
+    """report.json's "summary" and `compare --json`: the keys users' scripts read, in their order."""
+    report = _planted_report(methods)
+    summary = comparison_summary(report)
+    doc = summarize(report)
+    assert json.loads(json.dumps(doc)) == doc  # plain JSON types only
+    assert list(doc) == ["methods", "appendix_f", "appendix_g"]
+    assert list(doc["methods"]) == [f"{m}@{b}" for b in (4, 8) for m in methods]
+    for key, m in zip(doc["methods"], summary.methods, strict=True):
+        assert key == m.key
+        assert list(doc["methods"][key]) == [
+            *GENERIC_KEYS,
+            *TIME_KEYS,
+            "weight_tensors",
+            "activation_tensors",
+        ]
+        assert doc["methods"][key]["wins"] == m.wins and doc["methods"][key]["bits"] == m.bits
+    assert list(doc["appendix_f"]) == list(methods)
+    speedup = ["octav_speedup"] if "octav" in methods else []  # no OCTAV: no speedup key
+    assert all(list(v) == [*TIME_KEYS, *speedup] for v in doc["appendix_f"].values())
+    if "octav" in methods:
+        assert doc["appendix_f"]["octav"]["octav_speedup"] == pytest.approx(1.0)
+    else:
+        assert all(row.octav_speedup is None for row in summary.appendix_f)
+    assert len(summary.appendix_g) == (1 if "octav" in methods else 0)  # the planted 4-bit case
+    assert [list(g) for g in doc["appendix_g"]] == [FINDING_KEYS] * len(summary.appendix_g)
+    assert [g["target"] for g in doc["appendix_g"]] == [g.target for g in summary.appendix_g]
 
 
 def test_significant_minima():
