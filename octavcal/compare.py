@@ -21,7 +21,7 @@ from .collect import Target, capture_activations, weight_targets
 from .errors import CalibrationError
 from .grid import rows_from
 from .loading import LoadedModel, as_loaded, batch_source
-from .methods import _sweep_sse
+from .methods import sweep_mse_curve
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
 
@@ -135,7 +135,7 @@ class _Evaluator:
                 mags = rows_from(x, None)
                 mags = mags.abs() if entry.signed else mags.clamp(min=0)
                 qmax = entry.grid(table.convention).qmax
-                mse = _sweep_sse(mags, grid_s[:, None], qmax)[:, 0] / mags.shape[1]
+                mse = sweep_mse_curve(mags, grid_s[:, None], qmax)[:, 0]
                 if not entry.signed:
                     mse = mse + rows_from(x, None).clamp(max=0).double().square().mean()
                 self.curves.setdefault((tid, bits), []).append(mse.tolist())
