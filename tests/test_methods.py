@@ -1,4 +1,4 @@
-"""Clipping methods against independent references: brute force, float64 sorting, NumPy loops."""
+"""Clipping methods against independent references: brute force, float64 bisection, NumPy loops."""
 
 import math
 import subprocess
@@ -20,6 +20,8 @@ from octavcal import (
     octav,
     percentile,
 )
+from octavcal.methods import sweep_mse_curve
+from octavcal.octav import sorted_fixed_point
 
 # ------------------------------------------------------------------ references (float64, no octavcal)
 
@@ -36,23 +38,24 @@ def brute_force_mse(x: torch.Tensor, candidates: torch.Tensor, qmax: int, signed
     return torch.cat(out)
 
 
-def fixed_point_by_sorting(values: np.ndarray, c: float) -> float:
-    """Eq. (6)'s fixed point by sorting: with k values above s the map is S_k / (c (m-k) + k) on
-    [v_{k+1}, v_k); where no interval holds its own value, h jumps over zero at a data value: the
-    smallest v with h(v) = c v (m - A) - (S_A - v A) >= 0, A counting the values strictly above v."""
-    v = np.sort(values[values > 0])[::-1].astype(np.float64)
-    m = v.size
-    k = np.arange(m + 1, dtype=np.float64)
-    sums = np.concatenate([[0.0], np.cumsum(v)])
-    root = sums / (c * (m - k) + k)
-    upper, lower = np.concatenate([[np.inf], v]), np.concatenate([v, [0.0]])
-    fixed = np.flatnonzero((root >= lower) & (root < upper))
-    if fixed.size:
-        return float(root[fixed[0]])
-    negated, above = np.unique(-v, return_index=True)  # distinct values, descending; A = first index
-    distinct = -negated
-    h = c * distinct * (m - above) - (sums[above] - distinct * above)
-    return float(distinct[h >= 0].min())
+def fixed_point_by_bisection(values: np.ndarray, c: float) -> float:
+    """Eq. (6)'s fixed point s = E(s) / (c N0(s)), found as the root of h(s) = c s N0(s) - E(s) by
+    bisection in float64: h increases strictly in s, so the answer is the smallest s with h(s) >= 0
+    (where h jumps over zero at a point mass, that is the mass itself). No sorting, no iteration of
+    eq. (6): independent of both ways octavcal solves it. 0 when every value is 0."""
+    a = values[values > 0].astype(np.float64)
+    if a.size == 0:
+        return 0.0
+
+    def h(s: float) -> float:
+        return c * s * np.count_nonzero(a <= s) - (a[a > s] - s).sum()
+
+    lo, hi = 0.0, float(a.max())  # h(0) = -sum(a) < 0 <= h(max) = c max m
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:  # adjacent floats
+            return hi
+        lo, hi = (lo, mid) if h(mid) >= 0 else (mid, hi)
 
 
 def sample(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -61,6 +64,20 @@ def sample(kind: str, n: int, seed: int) -> torch.Tensor:
         return torch.randn(n, generator=gen, dtype=torch.float64)
     u = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5  # Laplace by inverse CDF
     return -torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+def _distribution(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    values = {
+        "gaussian": lambda: gen.standard_normal(n),
+        "student-t3": lambda: gen.standard_t(3, size=n),
+        "relu": lambda: np.maximum(gen.standard_normal(n), 0),
+        "point-masses": lambda: np.round(gen.standard_normal(n) * 4) / 4,
+        "sparse-uniform": lambda: gen.uniform(-1, 1, n) * (gen.random(n) < 0.3),
+        "constant": lambda: np.full(n, 0.1),
+    }[kind]()
+    return torch.from_numpy(values.reshape(shape).astype(np.float32))
 
 
 # ------------------------------------------------------------------ OCTAV
@@ -101,7 +118,7 @@ def test_octav_is_the_exact_fixed_point(n, bits, signed):
             x[0] = 1.0
     grid = Grid(bits, signed)
     mags = (x.abs() if signed else x.clamp(min=0)).double().numpy()
-    ref = fixed_point_by_sorting(mags, grid.noise_coefficient)
+    ref = fixed_point_by_bisection(mags, grid.noise_coefficient)
     got = octav(x, bits, signed=signed).item()
     assert got == pytest.approx(ref, rel=1e-5)
 
@@ -128,7 +145,7 @@ def test_octav_reports_iterations_and_respects_tolerance():
     loose = octav(x, 4, init="paper", tol=1e-2, return_iterations=True)
     tight = octav(x, 4, init="paper", tol=1e-9, return_iterations=True)
     assert 1 <= loose.iterations.item() < tight.iterations.item() <= 100
-    ref = fixed_point_by_sorting(x.abs().numpy(), Grid(4, True).noise_coefficient)
+    ref = fixed_point_by_bisection(x.abs().numpy(), Grid(4, True).noise_coefficient)
     assert tight.amax.item() == pytest.approx(ref, rel=1e-9)
 
 
@@ -160,7 +177,7 @@ def test_octav_unsigned_is_chosen_for_non_negative_data_and_uses_appendix_a():
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(30_000, generator=gen, dtype=torch.float64).relu()
     auto = octav(x, 4).item()
-    ref = fixed_point_by_sorting(x.numpy(), Grid(4, False).noise_coefficient)  # 1/(12*15^2)
+    ref = fixed_point_by_bisection(x.numpy(), Grid(4, False).noise_coefficient)  # 1/(12*15^2)
     assert auto == pytest.approx(ref, rel=1e-6)
     assert auto != pytest.approx(octav(x, 4, signed=True).item(), rel=1e-3)
 
@@ -171,6 +188,26 @@ def test_octav_properties_scale_and_sign():
     assert octav(4 * x, 5).item() == pytest.approx(4 * base, rel=1e-9)
     assert octav(-x, 5).item() == pytest.approx(base, rel=1e-9)
     assert octav(x.reshape(1, -1), 5, axis=0).item() == pytest.approx(base, rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize(
+    "kind", ["gaussian", "student-t3", "relu", "point-masses", "sparse-uniform", "constant"]
+)
+def test_sorted_fixed_point_equals_bisection(kind, bits):
+    """octavcal's one sorted fixed point (the small-tensor solver and the warm start), on one row
+    (upper tail first) and on rows, against the bisection; the tail shortcut changes nothing."""
+    gen = np.random.default_rng(bits)
+    c = Grid(bits, True).noise_coefficient
+    for n in (1, 2, 9, 300, 5000):
+        rows = np.abs(_distribution(kind, (3, n), seed=n + bits).double().numpy())
+        got = sorted_fixed_point(rows, c)
+        one = sorted_fixed_point(rows[:1], c)[0]
+        assert one == got[0]
+        for r in range(3):
+            assert got[r] == pytest.approx(fixed_point_by_bisection(rows[r], c), rel=1e-12), (n, r)
+    with_zeros = np.concatenate([np.zeros((1, 4)), gen.uniform(0, 1, (1, 4))])
+    assert sorted_fixed_point(with_zeros, c)[0] == 0.0
 
 
 # ------------------------------------------------------------------ MSE sweep
@@ -207,6 +244,23 @@ def test_sweep_per_channel_equals_row_loop():
     got = mse_sweep(w, 4, axis=0)
     loop = torch.stack([mse_sweep(w[k], 4) for k in range(16)])
     torch.testing.assert_close(got, loop, rtol=1e-6, atol=0)
+
+
+def test_sweep_mse_curve_equals_a_plain_loop():
+    gen = torch.Generator().manual_seed(23)
+    mags = torch.randn(3, 500, generator=gen).abs()
+    cands = torch.rand(7, 3, generator=gen, dtype=torch.float64) * 3 + 0.1
+    got = sweep_mse_curve(mags, cands, 7)
+    assert got.shape == (7, 3) and got.dtype == torch.float64
+    a = mags.double().numpy()
+    for k in range(7):
+        for r in range(3):
+            step = cands[k, r].item() / 7
+            ref = ((np.clip(np.round(a[r] / step), 0, 7) * step - a[r]) ** 2).mean()
+            assert got[k, r].item() == pytest.approx(ref, rel=1e-6), (k, r)
+    assert sweep_mse_curve(
+        torch.tensor([[0.3, 1.0]]), torch.tensor([[1.0]], dtype=torch.float64), 1
+    ).item() == (pytest.approx(0.045))
 
 
 def test_sweep_prefers_outliers_where_octav_keeps_the_bulk():
@@ -354,6 +408,33 @@ def test_parse_methods_keeps_order_and_drops_repeats():
     assert [m.name for m in octavcal.parse_methods("octav, mse,sweep,p99.99")] == ["octav", "sweep", "p99.99"]
 
 
+def test_public_names_stay_importable_from_methods_and_the_package():
+    from octavcal import methods
+
+    names = ["Method", "OctavResult", "analytic_mse", "compute_amax", "max_scaling", "mse_sweep", "octav"]
+    names += ["parse_method", "parse_methods", "percentile"]
+    for name in names:
+        assert getattr(methods, name) is getattr(octavcal, name), name
+    for name in [
+        "METHOD_NAMES",
+        "resolve_signed",
+        "solves_by_sorting",
+        "sweep_candidates",
+        "sweep_mse_curve",
+    ]:
+        assert callable(getattr(methods, name)) or name == "METHOD_NAMES", name
+
+
+def test_octav_and_mse_sweep_return_one_type_per_flag_value():
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(24))
+    assert isinstance(octav(x, 4), torch.Tensor)
+    result = octav(x, 4, return_iterations=True)
+    assert isinstance(result, octavcal.OctavResult) and result.amax.item() == octav(x, 4).item()
+    assert isinstance(mse_sweep(x, 4), torch.Tensor)
+    amax, cands, mse = mse_sweep(x, 4, return_curve=True)
+    assert amax.item() == mse_sweep(x, 4).item() and cands.shape == mse.shape == (100, 1)
+
+
 def test_math_modules_import_no_cli_libraries():
     # tqdm is left out: torch itself imports it when it is installed.
     code = "import sys, octavcal.methods; print(sorted(m for m in ('click', 'rich') if m in sys.modules))"
@@ -381,7 +462,7 @@ def test_per_channel_iteration_and_sorting_agree_with_the_reference(init):
         c = Grid(3, True).noise_coefficient
         for r in range(shape[0]):
             mags = w[r].abs().double().numpy()
-            ref = fixed_point_by_sorting(mags, c) if mags.any() else 1.0
+            ref = fixed_point_by_bisection(mags, c) if mags.any() else 1.0
             assert got[r].item() == pytest.approx(ref, rel=1e-5), (shape, r)
 
 
@@ -390,7 +471,7 @@ def test_octav_at_a_point_mass_in_a_long_row_returns_the_mass():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(70_000, generator=gen, dtype=torch.float64)
     x[: 70_000 // 3] = 2.5
-    ref = fixed_point_by_sorting(x.abs().numpy(), Grid(4, True).noise_coefficient)
+    ref = fixed_point_by_bisection(x.abs().numpy(), Grid(4, True).noise_coefficient)
     assert ref == 2.5
     assert octav(x, 4).item() == pytest.approx(2.5, rel=1e-6)
 
@@ -406,29 +487,16 @@ def test_octav_on_long_heavy_tailed_rows_with_few_values_above_the_root(bits, se
     c = Grid(bits, True).noise_coefficient
     got = octav(x, bits, axis=0)
     for r in range(3):
-        ref = fixed_point_by_sorting(x[r].abs().double().numpy(), c)
+        ref = fixed_point_by_bisection(x[r].abs().double().numpy(), c)
         assert got[r].item() == pytest.approx(ref, rel=1e-5), r
-
-
-def _distribution(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    gen = np.random.default_rng(seed)
-    n = int(np.prod(shape))
-    values = {
-        "gaussian": lambda: gen.standard_normal(n),
-        "student-t3": lambda: gen.standard_t(3, size=n),
-        "relu": lambda: np.maximum(gen.standard_normal(n), 0),
-        "point-masses": lambda: np.round(gen.standard_normal(n) * 4) / 4,
-        "sparse-uniform": lambda: gen.uniform(-1, 1, n) * (gen.random(n) < 0.3),
-    }[kind]()
-    return torch.from_numpy(values.reshape(shape).astype(np.float32))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("layout", ["one long row", "one short row", "long channels", "short channels"])
 @pytest.mark.parametrize("kind", ["gaussian", "student-t3", "relu", "point-masses", "sparse-uniform"])
-def test_octav_equals_the_sorted_fixed_point_across_distributions(kind, layout, bits):
+def test_octav_equals_the_fixed_point_across_distributions(kind, layout, bits):
     """Every path (fused first pass, smooth-row stop, exact short-row stop, point-mass finish)
-    against the float64 sort-based fixed point, per row."""
+    against the float64 bisection, per row."""
     shape, axis = {
         "one long row": ((120_000,), None),
         "one short row": ((9_000,), None),  # iterated (too long a row to sort), exact stopping rule
@@ -442,7 +510,7 @@ def test_octav_equals_the_sorted_fixed_point_across_distributions(kind, layout, 
     rows = [x.reshape(-1)] if axis is None else list(x)
     for r, row in enumerate(rows):
         mags = (row.abs() if signed else row.clamp(min=0)).double().numpy()
-        ref = fixed_point_by_sorting(mags, c) if mags.any() else 1.0
+        ref = fixed_point_by_bisection(mags, c) if mags.any() else 1.0
         assert got[r].item() == pytest.approx(ref, rel=1e-5), r
 
 
@@ -459,7 +527,7 @@ def test_octav_does_not_stop_short_of_a_point_mass():
     bits = int(gen.integers(6, 17))
     assert (n, k, bits) == (250_000, 2, 11)
     x = torch.from_numpy(x).float()
-    ref = fixed_point_by_sorting(x.double().numpy(), Grid(bits, False).noise_coefficient)
+    ref = fixed_point_by_bisection(x.double().numpy(), Grid(bits, False).noise_coefficient)
     assert octav(x, bits, signed=False).item() == pytest.approx(ref, rel=1e-6)
 
 
@@ -470,8 +538,8 @@ def test_octav_long_row_with_a_point_mass_at_its_root():
     base = gen.standard_normal(150_000)
     perm = gen.permutation(150_030)
     c = Grid(6, True).noise_coefficient
-    x = np.concatenate([base, np.full(30, fixed_point_by_sorting(np.abs(base), c))])[perm]
-    ref = fixed_point_by_sorting(np.abs(x), c)
+    x = np.concatenate([base, np.full(30, fixed_point_by_bisection(np.abs(base), c))])[perm]
+    ref = fixed_point_by_bisection(np.abs(x), c)
     assert octav(torch.from_numpy(x), 6).item() == pytest.approx(ref, rel=1e-6)
 
 
@@ -480,23 +548,23 @@ def test_octav_long_row_with_a_cluster_next_to_its_root():
     gen = np.random.default_rng(0)
     base = gen.standard_normal(200_000)
     c = Grid(6, True).noise_coefficient
-    root = fixed_point_by_sorting(np.abs(base), c)
+    root = fixed_point_by_bisection(np.abs(base), c)
     x = np.concatenate([base, root * (1 + 2e-7 + 1e-7 * gen.uniform(-1, 1, 100))])
     gen.shuffle(x)
-    ref = fixed_point_by_sorting(np.abs(x), c)
+    ref = fixed_point_by_bisection(np.abs(x), c)
     assert octav(torch.from_numpy(x), 6).item() == pytest.approx(ref, rel=1e-6)
 
 
 def test_octav_on_values_whose_float32_sums_overflow():
     x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 1e37
     c = Grid(4, True).noise_coefficient
-    ref = fixed_point_by_sorting(x.abs().double().numpy(), c)
+    ref = fixed_point_by_bisection(x.abs().double().numpy(), c)
     assert octav(x, 4).item() == pytest.approx(ref, rel=1e-5)
     rows = (x / 100).reshape(4, -1)
     got = octav(rows, 4, axis=0)
     for r in range(4):
         assert got[r].item() == pytest.approx(
-            fixed_point_by_sorting(rows[r].abs().double().numpy(), c), rel=1e-5
+            fixed_point_by_bisection(rows[r].abs().double().numpy(), c), rel=1e-5
         )
 
 
@@ -510,7 +578,7 @@ def test_octav_unsigned_refuses_minus_infinity(n):
 
 def test_octav_init_above_the_max_keeps_the_bracket():
     x = sample("gaussian", 100_000, seed=3).float()
-    ref = fixed_point_by_sorting(x.abs().double().numpy(), Grid(4, True).noise_coefficient)
+    ref = fixed_point_by_bisection(x.abs().double().numpy(), Grid(4, True).noise_coefficient)
     result = octav(x, 4, init=1e30, return_iterations=True)
     assert result.amax.item() == pytest.approx(ref, rel=1e-5)
     assert result.iterations.item() <= 20
@@ -547,7 +615,7 @@ def test_octav_relu6_mass_with_values_just_above_the_clip(init):
     a = np.clip(np.maximum(gen.standard_normal(131_072), 0) * 3.08, 0, 6.0)
     a[gen.choice(131_072, 310, replace=False)] = 6.0 + gen.exponential(0.0075, 310)
     x = torch.from_numpy(a.astype(np.float32))
-    ref = fixed_point_by_sorting(x.double().numpy(), Grid(7, False, "paper").noise_coefficient)
+    ref = fixed_point_by_bisection(x.double().numpy(), Grid(7, False, "paper").noise_coefficient)
     got = octav(x, 7, signed=False, convention="paper", init=init)
     assert got.item() == pytest.approx(ref, rel=1e-6)
 
@@ -563,11 +631,11 @@ def test_octav_channels_with_ties_just_below_their_roots():
     c = Grid(7, True, "paper").noise_coefficient
     below = 10 ** gen.uniform(-4.5, -2.5)
     for ch in range(4):
-        root = fixed_point_by_sorting(x[ch].abs().double().numpy(), c)
+        root = fixed_point_by_bisection(x[ch].abs().double().numpy(), c)
         x[ch, torch.from_numpy(gen.choice(n, 600, replace=False))] = float(root * (1 - below))
     got = octav(x, 7, signed=True, axis=0, convention="paper")
     for ch in range(4):
-        ref = fixed_point_by_sorting(x[ch].abs().double().numpy(), c)
+        ref = fixed_point_by_bisection(x[ch].abs().double().numpy(), c)
         assert got[ch].item() == pytest.approx(ref, rel=1e-5), ch
 
 
