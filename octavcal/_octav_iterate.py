@@ -31,7 +31,7 @@ _MAX_RHO = 0.5
 _TAIL_STEP = 1e-3
 
 
-@dataclass
+@dataclass(slots=True)
 class IterationState:
     """Per-row bookkeeping, a handful of length-R vectors on the host (NumPy does it in microseconds,
     where each tiny torch op would cost more than a pass over a small tensor).

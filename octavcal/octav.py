@@ -48,12 +48,11 @@ def sorted_fixed_point(mags: np.ndarray, c: float) -> np.ndarray:
     usually lies there; a mask and a short sort cost less than a full sort), with the same result.
     Example: c = 1/588, magnitudes [1, 1, 1, 1, 100] -> 100 / (4c + 1) = 99.32.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if mags.shape[0] == 1:
-            found = _fixed_point_in_tail(mags[0], c)
-            if found is not None:
-                return np.array([found])
-        return _fixed_point_of_rows(mags, c)
+    if mags.shape[0] == 1:
+        found = _fixed_point_in_tail(mags[0], c)
+        if found is not None:
+            return np.array([found])
+    return _fixed_point_of_rows(mags, c)
 
 
 def _fixed_point_in_tail(row: np.ndarray, c: float) -> float | None:
@@ -87,7 +86,8 @@ def _fixed_point_of_rows(mags: np.ndarray, c: float) -> np.ndarray:
     v_ext = np.concatenate([v, np.zeros((rows, 1))], axis=1)  # (R, n+1): v_ext[:, k] = lower end
     sums = np.concatenate([np.zeros((rows, 1)), np.cumsum(v, axis=1)], axis=1)  # S_k, (R, n+1)
     k = np.arange(n + 1, dtype=np.float64)[None, :]
-    root = sums / (c * (m - k) + k)
+    with np.errstate(divide="ignore", invalid="ignore"):  # k = m = 0: an all-zero row
+        root = sums / (c * (m - k) + k)
     upper = np.concatenate([np.full((rows, 1), np.inf), v], axis=1)
     valid = (root >= v_ext) & (root < upper) & (k <= m)
     inside = root[np.arange(rows), valid.argmax(axis=1)]
