@@ -46,6 +46,8 @@ def sorted_fixed_point(mags: np.ndarray, c: float) -> np.ndarray:
     jumps over zero at a data point (Appendix B's point mass) and the root is the smallest data point
     v with h(v) >= 0. An all-zero row gives 0. One row first tries only its upper tail (the root
     usually lies there; a mask and a short sort cost less than a full sort), with the same result.
+    (The interval below the smallest value, k = m, holds its own value only by rounding: a constant
+    row may give the cumulative sum's mean, a few ulps from the value.)
     Example: c = 1/588, magnitudes [1, 1, 1, 1, 100] -> 100 / (4c + 1) = 99.32.
     """
     if mags.shape[0] == 1:
