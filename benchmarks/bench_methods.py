@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import octavcal
+from octavcal.octav import sorted_fixed_point
 
 SHAPES = [  # (name, shape, axis kept: 0 = per output feature, None = per tensor)
     ("weight 768x768", (768, 768), 0),
@@ -58,33 +59,11 @@ def numpy_sweep(x: np.ndarray, qmax: int, per_row: bool, points: int = 100) -> n
 
 
 def float64_octav(x: torch.Tensor, c: float, axis: int | None) -> np.ndarray:
-    """The exact fixed point of eq. (6) in float64, found by sorting instead of iterating.
-
-    With the m non-zero magnitudes sorted descending and k of them above s, the recursion's map is
-    constant, S_k / (c (m - k) + k), on [v_{k+1}, v_k): the fixed point is the one value that lands
-    in its own interval. Where none does, h(s) = c s (m - k) - (S_k - s k) jumps over zero at a data
-    point (Appendix B's point mass) and that point is the answer: the smallest value where h >= 0.
-    """
+    """The exact fixed point of eq. (6) in float64, by octavcal's sort (``sorted_fixed_point``),
+    which shares no code with the iteration timed here (every tensor here is too large to be sorted
+    by ``octav`` itself)."""
     a = np.abs((x.reshape(1, -1) if axis is None else x.reshape(x.shape[0], -1)).double().numpy())
-    out = []
-    for row in a:
-        v = np.sort(row[row > 0])[::-1]
-        m = v.size
-        k = np.arange(m + 1, dtype=np.float64)
-        s_k = np.concatenate([[0.0], np.cumsum(v)])
-        root = s_k / (c * (m - k) + k)
-        upper = np.concatenate([[np.inf], v])
-        lower = np.concatenate([v, [0.0]])
-        fixed = np.flatnonzero((root >= lower) & (root < upper))
-        if fixed.size:
-            out.append(root[fixed[0]])
-            continue
-        # The smallest data value v with h(v) >= 0, A counting the values strictly above v.
-        negated, above = np.unique(-v, return_index=True)
-        distinct = -negated
-        h = c * distinct * (m - above) - (s_k[above] - distinct * above)
-        out.append(distinct[h >= 0].min())
-    return np.array(out)
+    return sorted_fixed_point(a, c)
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:

@@ -80,11 +80,11 @@ def main() -> None:
             torch.manual_seed(0)
             model = build()
             net = prepare_qat(model, bits=4, weights=scaler, activations=scaler, grad="mph")
-            saved = qat_module._SORT_BELOW
-            if cold:  # solve from scratch every step: no reuse of the previous scalar
-                qat_module._SORT_BELOW = 1 << 62
+            saved = qat_module.solves_by_sorting
+            if cold:  # solve from scratch every step (init="auto"): no reuse of the previous scalar
+                qat_module.solves_by_sorting = lambda data, axis: True
             row.append(step_time(model, net, inputs, args.steps))
-            qat_module._SORT_BELOW = saved
+            qat_module.solves_by_sorting = saved
         print(
             f"{name:36} {row[0] * 1e3:9.2f} {row[1] * 1e3:8.2f} {row[2] * 1e3:14.2f} {row[3] * 1e3:14.2f} "
             f"{row[2] / row[0]:8.2f}x"

@@ -23,7 +23,7 @@ from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
 from .findings import AppendixFRow, AppendixGFinding, ComparisonSummary, MethodSummary
 from .grid import rows_from
-from .methods import _sweep_sse
+from .methods import sweep_mse_curve
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
 
@@ -137,7 +137,7 @@ class _Evaluator:
                 mags = rows_from(x, None)
                 mags = mags.abs() if entry.signed else mags.clamp(min=0)
                 qmax = entry.grid(table.convention).qmax
-                mse = _sweep_sse(mags, grid_s[:, None], qmax)[:, 0] / mags.shape[1]
+                mse = sweep_mse_curve(mags, grid_s[:, None], qmax)[:, 0]
                 if not entry.signed:
                     mse = mse + rows_from(x, None).clamp(max=0).double().square().mean()
                 self.curves.setdefault((tid, bits), []).append(mse.tolist())

@@ -113,11 +113,9 @@ class _Quantizer:
                 if self.amax is None or solves_by_sorting(data, self.axis)
                 else self.amax.to(data.device)
             )
-            solved = octav(
+            amax = octav(
                 data, self.bits, signed=signed, axis=self.axis, convention=self.convention, init=init
             )
-            assert isinstance(solved, torch.Tensor)  # no return_iterations
-            amax = solved
         self.amax = amax.detach()
         return fake_quantize_with_grad(
             x,
