@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from .collect import Target
+from .target import Target
 
 
 @dataclass(frozen=True)

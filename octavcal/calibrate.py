@@ -6,9 +6,7 @@ with one batch, not with the number of batches. Weights are calibrated once.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import time
 import warnings
 import weakref
@@ -20,13 +18,16 @@ import torch
 from torch import nn
 
 from .bitrules import BitRules
-from .collect import STRICT_CATEGORIES, Target, capture_activations, coverage, weight_targets
+from .collect import capture_activations
 from .core import Batch, LoadedModel, Progress, as_loaded
+from .coverage import STRICT_CATEGORIES, coverage, targets_fingerprint
 from .data import batches_of
-from .errors import CalibrationError, DataError, OctavcalWarning, ScaleFileError, SpecError
+from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
+from .graphs import weight_targets
 from .grid import CONVENTIONS, Grid, check_bits
 from .methods import Method, compute_amax, parse_methods
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
+from .target import Target
 
 DEFAULT_METHODS = ("octav", "sweep", "p99.9", "p99.99", "p99.999", "max")
 
@@ -255,50 +256,6 @@ def weight_scales(
         {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
         param=target.param,
     )
-
-
-def discover_targets(model: LoadedModel | nn.Module, batch: Any) -> list[Target]:
-    """The targets one forward pass over ``batch`` meets, in call order (each once)."""
-    loaded = as_loaded(model)
-    found: list[Target] = []
-    if not loaded.hookable:
-        return [t for t, _, _ in weight_targets(loaded.module)]
-    with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
-        capture(next(batches_of([batch])))
-    return list(dict.fromkeys(found)) + [t for t, _, _ in weight_targets(loaded.module)]
-
-
-def targets_fingerprint(targets: Iterable[Target]) -> str:
-    """sha256 over the targets' ids, ops and kinds: which tensors a scale file's scalars belong to."""
-    rows = sorted({(t.id, t.op, t.kind) for t in targets})
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def check_targets(table: ScaleTable, model: LoadedModel | nn.Module, batch: Any, path: Any = None) -> None:
-    """Refuse a scale file whose targets are not this model's (same weights, other attention code:
-    its matmul scales would land on other tensors), naming the first difference."""
-    found = {t.id: t for t in discover_targets(model, batch)}
-    calibrated = set(table.targets) | set(table.meta.get("skipped") or [])
-    what = table.describe_source(path)
-    extra = sorted(calibrated - set(found))
-    missing = sorted(set(found) - calibrated)
-    if extra or missing:
-        first = (
-            f"the file has '{extra[0]}', which this model does not compute"
-            if extra
-            else f"this model computes '{missing[0]}', which the file does not have"
-        )
-        raise ScaleFileError(
-            f"{what} does not fit this model's targets ({len(extra)} only in the file, {len(missing)} only "
-            f"in the model; first: {first}). Calibrate this model, or pass its own scale file."
-        )
-    if int(table.meta.get("format_version", 2)) >= 2:
-        for tid, entry in table.targets.items():
-            if entry.op != found[tid].op or entry.kind != found[tid].kind:
-                raise ScaleFileError(
-                    f"{what} does not fit this model's targets: '{tid}' is a {entry.kind} of {entry.op} in "
-                    f"the file and a {found[tid].kind} of {found[tid].op} here. Calibrate this model."
-                )
 
 
 def calibrate(

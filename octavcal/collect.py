@@ -5,7 +5,7 @@ convolution, addmm/mm/matmul/bmm whose weight is a Parameter of the model (or a 
 weight target named after the Parameter and an input target; batched matmuls between activations and
 scaled_dot_product_attention give operand targets named by the enclosing module. Module hooks only
 keep that stack of module names. torch.export programs are walked node by node instead; TorchScript
-refuses hooks, so only its Linear/Conv weights are found. Everything is removed on exit.
+refuses hooks (graphs.py). Everything is removed on exit.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from .core import Batch, LoadedModel
 from .errors import CalibrationError, OctavcalError
+from .graphs import _ExportRunner, _is_exported
+from .target import Deliver, Positions, Target, kept_or_replaced, weight_role
 
 # Ops whose second argument is the weight, and the weight axis that holds output channels.
 _WEIGHT_SECOND = {
@@ -47,115 +49,6 @@ _MATMULS = {  # these count towards the matmul positions of their module (as in 
 _PRODUCTS = {**{f: f.__name__ for f in _MATMULS}, torch.mm: "mm", torch.Tensor.mm: "mm"}
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
 _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}  # MultiheadAttention's masked q @ k^T
-# What a Parameter that no calibrated op reads is used for, when it is one of these ops.
-_EMBEDDINGS = {"embedding", "embedding_bag"}
-_RECURRENT = {
-    "lstm",
-    "gru",
-    "rnn_tanh",
-    "rnn_relu",
-    "lstm_cell",
-    "gru_cell",
-    "rnn_tanh_cell",
-    "rnn_relu_cell",
-}
-# Ops that multiply by a weight but that octavcal does not model: --strict refuses these.
-_UNMODELLED_PRODUCTS = {
-    "einsum", "addbmm", "addmv", "mv", "bilinear", "tensordot", "conv_tbc", "dot", "inner",
-    "_native_multi_head_attention", "_transformer_encoder_layer_fwd", "scaled_dot_product_attention",
-}  # fmt: skip
-
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-               nn.ConvTranspose3d)  # fmt: skip
-TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-# TorchScript keeps a module's original class name; these are PyTorch's own layers, not user classes.
-_SCRIPT_LAYER_OPS = {"Linear": "linear", **{f"Conv{d}d": f"conv{d}d" for d in (1, 2, 3)},
-                     **{f"ConvTranspose{d}d": f"conv_transpose{d}d" for d in (1, 2, 3)}}  # fmt: skip
-_ATEN_LAYERS = {
-    torch.ops.aten.linear.default: "linear",
-    torch.ops.aten.conv1d.default: "conv1d",
-    torch.ops.aten.conv2d.default: "conv2d",
-    torch.ops.aten.conv3d.default: "conv3d",
-}
-_ATEN_MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
-
-
-@dataclass(frozen=True)
-class Target:
-    """A calibrated tensor: module path and role ('weight', 'input', 'in_proj_weight', 'matmul0.lhs', ...).
-
-    ``param`` is the Parameter's name for a weight and for the input of the op that reads it;
-    ``axis`` is a weight's output-channel axis, from how the op uses it.
-    """
-
-    module: str
-    role: str
-    op: str  # 'linear', 'conv2d', 'addmm', 'matmul', 'sdpa', ...
-    kind: str = "activation"  # 'weight' | 'activation'
-    param: str | None = None
-    axis: int | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.module or '<root>'}:{self.role}"
-
-    @property
-    def is_layer(self) -> bool:
-        """A weight or the input of the op that reads it (the first/last-layer rule applies to these)."""
-        return self.param is not None
-
-
-# Called with each tensor as it is seen; a returned tensor replaces it in the forward pass.
-Deliver = Callable[[Target, torch.Tensor], "torch.Tensor | None"]
-
-
-def weight_role(leaf: str) -> tuple[str, str]:
-    """Roles of a Parameter attribute and of its op's input: 'weight' -> ('weight', 'input'),
-    'in_proj_weight' -> ('in_proj_weight', 'in_proj_weight.input')."""
-    return (leaf, "input") if leaf == "weight" else (leaf, f"{leaf}.input")
-
-
-def weight_targets(model: nn.Module) -> list[tuple[Target, torch.Tensor, int]]:
-    """(target, weight, output-channel axis) of models whose forward cannot be watched, in order.
-
-    For eager modules the forward pass itself finds the weights (``capture_activations``); this is for
-    TorchScript (refuses hooks: its Linear/Conv by original class name) and exported programs (their
-    graph's linear/conv nodes, weight as second argument).
-    """
-    found: list[tuple[Target, torch.Tensor, int]] = []
-    if _is_exported(model):
-        for node in model.graph.nodes:  # type: ignore[union-attr]
-            if node.op == "call_function" and node.target in _ATEN_LAYERS and node.args[1].op == "get_attr":
-                weight = _get_attr(model, node.args[1].target)
-                module, op = _node_module(node), _ATEN_LAYERS[node.target]
-                found.append((Target(module, "weight", op, "weight", node.args[1].target, 0), weight, 0))
-        return found
-    for name, module in model.named_modules():
-        script_op = _SCRIPT_LAYER_OPS.get(getattr(module, "original_name", ""))
-        if isinstance(module, torch.jit.ScriptModule) and script_op is not None:
-            op = script_op
-            axis = 1 if op.startswith("conv_transpose") else 0
-            target = Target(name, "weight", op, "weight", f"{name}.weight" if name else "weight", axis)
-            found.append((target, module.weight.detach(), axis))
-    return found
-
-
-def _is_exported(model: nn.Module) -> bool:
-    return isinstance(model, torch.fx.GraphModule) and not any(
-        isinstance(m, LAYER_TYPES) for m in model.modules()
-    )
-
-
-def _get_attr(model: nn.Module, dotted: str) -> torch.Tensor:
-    obj: Any = model
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()
-
-
-def _node_module(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 class _Params:
@@ -200,18 +93,6 @@ class Capture:
 
     def __call__(self, batch: Batch, grad: bool = False) -> Any:
         return self.run(batch, grad)
-
-
-class _Positions:
-    """Counts matmul/sdpa calls per enclosing module, and weight-op calls per Parameter, in one forward."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
-
-    def next(self, module: str, op: str) -> int:
-        i = self.counts.get((module, op), 0)
-        self.counts[(module, op)] = i + 1
-        return i
 
 
 def _never(*args: Any) -> bool:
@@ -265,7 +146,7 @@ class _State:
         self.params = _Params(model)
         self.modules = dict(model.named_modules())
         self.stack: list[str] = [""]
-        self.positions = _Positions()
+        self.positions = Positions()
         self.record_uses = True  # the first forward pass records what every Parameter is used for
 
     def record(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -305,7 +186,7 @@ class _State:
         if weight is not None:
             args = _replaced(args, wi, weight if w is p else _same_view(weight, w, p))
         new_x = self.deliver(Target(module, irole, op, "activation", name), x)
-        return _replaced(args, xi, _or(new_x, x))
+        return _replaced(args, xi, kept_or_replaced(new_x, x))
 
     def computed_weight_op(
         self, op: str, args: tuple[Any, ...], xi: int, wi: int, axis: int
@@ -318,7 +199,7 @@ class _State:
         if weight is not None:
             args = _replaced(args, wi, weight)
         target = Target(module, f"input{k}" if k else "input", op, "activation", "")
-        return _replaced(args, xi, _or(self.deliver(target, args[xi]), args[xi]))
+        return _replaced(args, xi, kept_or_replaced(self.deliver(target, args[xi]), args[xi]))
 
     def product(self, op: str, args: tuple[Any, ...], li: int, ri: int, count: bool) -> tuple[Any, ...]:
         """A matrix product: with a Parameter operand it is a layer (transformers' Conv1D is an addmm
@@ -333,8 +214,8 @@ class _State:
             return self.weight_op(op, args, ri, li, lhs.dim() - 2, {})
         if not count:  # mm/addmm between activations were never targets (as in the ONNX graph's Gemm)
             return args
-        new_l = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
-        new_r = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs), rhs)
+        new_l = kept_or_replaced(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), lhs), lhs)
+        new_r = kept_or_replaced(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), rhs), rhs)
         return _replaced(_replaced(args, li, new_l), ri, new_r)
 
     def sdpa(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -346,7 +227,7 @@ class _State:
             where: Any
             where, key = (args, j) if j < len(args) else (kwargs, name)
             if isinstance(where, list) or name in kwargs:
-                where[key] = _or(
+                where[key] = kept_or_replaced(
                     self.deliver(Target(module, f"sdpa{i}.{name}", "sdpa"), where[key]), where[key]
                 )
         return tuple(args)
@@ -385,11 +266,6 @@ def _same_view(full: torch.Tensor, view: torch.Tensor, param: torch.Tensor) -> t
         raise CalibrationError("A view of a non-contiguous Parameter cannot be replaced.")
     offset = full.storage_offset() + view.storage_offset() - param.storage_offset()
     return full.as_strided(view.shape, view.stride(), offset)
-
-
-def _or(replacement: torch.Tensor | None, original: torch.Tensor) -> torch.Tensor:
-    """A deliver callback may return a replacement (simulated quantization); None keeps the tensor."""
-    return original if replacement is None else replacement
 
 
 def _check_input(
@@ -471,115 +347,3 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Captu
     finally:
         for handle in handles:
             handle.remove()
-
-
-def coverage(model: nn.Module, capture: Capture) -> list[dict[str, Any]]:
-    """Every floating-point Parameter with 2 or more dimensions that no target calibrates, with why.
-
-    Categories: 'embedding' (a lookup table), 'recurrent' (LSTM/GRU/RNN weights), 'unmodelled' (a
-    product octavcal does not model, e.g. einsum), 'other-op' (read only by other ops, e.g. an added
-    position embedding) and 'unused' (never read in the forward pass that was watched).
-    """
-    out = []
-    for name, p in model.named_parameters():
-        if p.dim() < 2 or not p.is_floating_point():
-            continue
-        ops = sorted(capture.uses.get(name, ()))
-        if name in capture.calibrated:
-            other = sorted(set(ops) & (_UNMODELLED_PRODUCTS | _RECURRENT))
-            if other:  # calibrated where a modelled op reads it, but not where this one does
-                reason = f"also read by {', '.join(other)}, which octavcal does not model (that use is float)"
-                out.append(
-                    {"parameter": name, "shape": list(p.shape), "category": "unmodelled", "reason": reason}
-                )
-            continue
-        if set(ops) & _EMBEDDINGS:
-            category, reason = "embedding", "embedding table (a lookup, not a product)"
-        elif set(ops) & _RECURRENT:
-            category, reason = (
-                "recurrent",
-                f"recurrent weights ({', '.join(sorted(set(ops) & _RECURRENT))}), "
-                "which octavcal does not model",
-            )
-        elif set(ops) & _UNMODELLED_PRODUCTS:
-            products = ", ".join(sorted(set(ops) & _UNMODELLED_PRODUCTS))
-            category, reason = "unmodelled", f"read by {products}, a product octavcal does not model"
-        elif ops:
-            category, reason = (
-                "other-op",
-                f"read only by {', '.join(ops[:4])}, not a product with activations",
-            )
-        else:
-            category, reason = "unused", "never used in the forward pass"
-        out.append({"parameter": name, "shape": list(p.shape), "category": category, "reason": reason})
-    return out
-
-
-STRICT_CATEGORIES = ("recurrent", "unmodelled")
-
-
-class _ExportRunner(torch.fx.Interpreter):
-    """Runs an exported program's graph, delivering layer inputs and matmul operands by node."""
-
-    def __init__(self, module: torch.fx.GraphModule, deliver: Deliver) -> None:
-        super().__init__(module)
-        self.deliver = deliver
-        self.positions = _Positions()
-        self.current = ""
-        self.node: torch.fx.Node | None = None
-
-    def run_batch(self, batch: Batch, grad: bool = False) -> Any:
-        self.positions.counts.clear()
-        flat, _ = torch.utils._pytree.tree_flatten((batch.args, batch.kwargs))
-        try:
-            with torch.no_grad():
-                out = self.run(*flat)
-            spec = getattr(self.module, "_out_spec", None)
-            return (
-                torch.utils._pytree.tree_unflatten(list(out), spec)
-                if isinstance(out, (list, tuple)) and spec
-                else out
-            )
-        except OctavcalError:
-            raise
-        except Exception as exc:
-            if "Guard failed" in str(exc):
-                guard = str(exc).split("\n")[0]
-                raise CalibrationError(
-                    f"The exported program does not accept a batch with inputs {batch.describe()} ({guard}). "
-                    "It was exported with fixed shapes: export it with a dynamic batch dimension "
-                    "(torch.export.Dim), or use batches of the exported size."
-                ) from exc
-            where = f"in module '{self.current}'" if self.current else "in its graph"
-            raise CalibrationError(
-                f"The exported program failed {where} on a batch with inputs "
-                f"{batch.describe()}: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        self.current, self.node = _node_module(n), n
-        return super().run_node(n)
-
-    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        module = self.current
-        args = tuple(args)
-        if target in _ATEN_LAYERS:
-            weight = self.node.args[1] if self.node is not None else None
-            param = (
-                str(weight.target) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else ""
-            )
-            t = Target(module, "input", _ATEN_LAYERS[target], "activation", param)
-            args = (_or(self.deliver(t, args[0]), args[0]), *args[1:])
-        elif target in _ATEN_MATMULS:
-            i = self.positions.next(module, "matmul")
-            lhs = _or(self.deliver(Target(module, f"matmul{i}.lhs", "matmul"), args[0]), args[0])
-            rhs = _or(self.deliver(Target(module, f"matmul{i}.rhs", "matmul"), args[1]), args[1])
-            args = (lhs, rhs, *args[2:])
-        elif target is torch.ops.aten.scaled_dot_product_attention.default:
-            i = self.positions.next(module, "sdpa")
-            qkv = [
-                _or(self.deliver(Target(module, f"sdpa{i}.{n}", "sdpa"), t), t)
-                for n, t in zip(("query", "key", "value"), args[:3], strict=True)
-            ]
-            args = (*qkv, *args[3:])
-        return super().call_function(target, args, kwargs)

@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationConfig, calibrate, check_targets, without_padding
-from .collect import Target, capture_activations, weight_targets
+from .calibrate import CalibrationConfig, calibrate, without_padding
+from .collect import capture_activations
 from .core import LoadedModel, Progress, as_loaded
+from .coverage import check_targets
 from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
 from .findings import AppendixFRow, AppendixGFinding, ComparisonSummary, MethodSummary
+from .graphs import weight_targets
 from .grid import rows_from
 from .methods import sweep_mse_curve
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
+from .target import Target
 
 _SPLIT_NAMES = {"calib": "Calibration", "heldout": "Held-out"}
 DISAGREEMENT = 2.0  # Appendix G: OCTAV and the sweep more than 2x apart

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import check_targets
 from .collect import capture_activations
 from .core import LoadedModel, as_loaded
+from .coverage import check_targets
 from .data import batch_source, check_finite_inputs
 from .errors import CalibrationError
 from .metrics import sqnr_from

@@ -23,13 +23,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bitrules import BitRules
-from .calibrate import discover_targets
-from .collect import LAYER_TYPES, TRANSPOSED_CONV_TYPES, Target, capture_activations
+from .collect import capture_activations
 from .core import Batch, LoadedModel
+from .coverage import discover_targets
 from .errors import SpecError
+from .graphs import LAYER_TYPES, TRANSPOSED_CONV_TYPES
 from .grid import Convention, Grid, amax_view, check_bits
 from .methods import max_scaling, octav, solves_by_sorting
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
+from .target import Target
 
 ESTIMATORS = ("ste", "pwl", "mad", "mph")
 SCALERS = ("octav", "max", "static")

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .collect import Target, capture_activations, weight_targets
+from .collect import capture_activations
 from .core import Batch, LoadedModel, as_loaded
 from .errors import SpecError
+from .graphs import weight_targets
 from .grid import Convention, fake_quantize
 from .scales import ScaleTable, check_fingerprint
+from .target import Target
 
 
 class SimulatedModel(nn.Module):

@@ -370,7 +370,7 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
 
 
 def _checked(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> None:
-    from ..calibrate import check_targets
+    from ..coverage import check_targets
 
     check_fingerprint(table, model.module)
     table.require_method(method)
