@@ -282,37 +282,10 @@ def calibrate(
     first = next(stream, None)
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
-
     _warm_up(methods, config)
-    # A discovery pass over the first batch finds the targets, the layer order (for first/last bits)
-    # and what every Parameter is used for, and fails early, with the layer named, when the data does
-    # not fit the model.
-    found: list[Target] = []
-    uncovered: list[dict[str, Any]] = []
-    tied: dict[str, list[str]] = {}
-    if first is not None:
-        with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
-            capture(first)
-        uncovered, tied = coverage(loaded.module, capture), capture.tied
+    found, uncovered, tied = _discover(loaded, first, config)
     fixed_weights = weight_targets(loaded.module)  # TorchScript and exported graphs: their weights by layer
     rules = config.bit_rules().with_layer_order(found or [t for t, _, _ in fixed_weights])
-    if loaded.hookable and not found:
-        raise CalibrationError("The model ran, but no linear, convolution or matrix multiplication was seen.")
-    refused = [u for u in uncovered if u["category"] in STRICT_CATEGORIES]
-    if config.strict and refused:
-        raise CalibrationError(
-            f"{len(refused)} weights are read by ops octavcal does not calibrate: "
-            + "; ".join(f"'{u['parameter']}' ({u['reason']})" for u in refused[:3])
-            + ". Calibrate without strict mode to list them as uncovered."
-        )
-    if any(t.op == "sdpa" for t in found):
-        warnings.warn(
-            "scaled_dot_product_attention hides its probabilities @ V product: only its query, key and value "
-            "are calibrated. Run attention as explicit matmuls (Hugging Face: attn_implementation='eager') "
-            "for the full set.",
-            OctavcalWarning,
-            stacklevel=2,
-        )
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
     calibrator = _Calibrator(config, methods, rules)
@@ -337,10 +310,55 @@ def calibrate(
         targets[target.id] = weight_scales(target, weight, bits, methods, config)
         if progress:
             progress("weights", i + 1, len(fixed_weights))
-
     for pattern in rules.unmatched_patterns([*calibrator.acc, *calibrator.skipped, *targets]):
         warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
-    meta = provenance(
+    meta = _metadata(config, methods, loaded, calibrator, seed) | {
+        "targets_fingerprint": targets_fingerprint(found),
+        "uncovered": uncovered,
+    }
+    return ScaleTable(dict(sorted(targets.items())), meta)
+
+
+def _discover(
+    loaded: LoadedModel, first: Batch | None, config: CalibrationConfig
+) -> tuple[list[Target], list[dict[str, Any]], dict[str, list[str]]]:
+    """A pass over the first batch: the targets in call order (for the first/last-layer rule), the
+    weights no target calibrates, the tied ones. It fails early, naming the layer, when the data does
+    not fit the model, and refuses uncovered weight-bearing ops in strict mode."""
+    found: list[Target] = []
+    if first is None:
+        return found, [], {}
+    with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
+        capture(first)
+    uncovered = coverage(loaded.module, capture)
+    if not found:
+        raise CalibrationError("The model ran, but no linear, convolution or matrix multiplication was seen.")
+    refused = [u for u in uncovered if u["category"] in STRICT_CATEGORIES]
+    if config.strict and refused:
+        raise CalibrationError(
+            f"{len(refused)} weights are read by ops octavcal does not calibrate: "
+            + "; ".join(f"'{u['parameter']}' ({u['reason']})" for u in refused[:3])
+            + ". Calibrate without strict mode to list them as uncovered."
+        )
+    if any(t.op == "sdpa" for t in found):
+        warnings.warn(
+            "scaled_dot_product_attention hides its probabilities @ V product: only its query, key and value "
+            "are calibrated. Run attention as explicit matmuls (Hugging Face: attn_implementation='eager') "
+            "for the full set.",
+            OctavcalWarning,
+            stacklevel=3,
+        )
+    return found, uncovered, capture.tied
+
+
+def _metadata(
+    config: CalibrationConfig,
+    methods: list[Method],
+    loaded: LoadedModel,
+    calibrator: _Calibrator,
+    seed: int | None,
+) -> dict[str, Any]:
+    return provenance(
         config.convention,
         [m.name for m in methods],
         config.bits,
@@ -355,9 +373,6 @@ def calibrate(
         "mask_padding": config.mask_padding,
         "model_format": loaded.format,
         "model_fingerprint": model_fingerprint(loaded.module),
-        "targets_fingerprint": targets_fingerprint(found),
         "skipped": sorted(calibrator.skipped),
-        "uncovered": uncovered,
         "note": loaded.note,
     }
-    return ScaleTable(dict(sorted(targets.items())), meta)
