@@ -11,12 +11,10 @@ offline and quantized per output channel (``axis`` of QuantizeLinear).
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +22,13 @@ import numpy as np
 import torch
 
 from ..core import Batch, LoadedModel
-from ..errors import LoadError, ScaleFileError, SpecError
+from ..errors import LoadError, SpecError
 from ..files import atomic_write
 from ..scales import ScaleTable, TargetScales, check_fingerprint
+from .onnx_locate import OnnxTarget, identity_aliases, locate_targets
 
 OPSET = 17
 _LAYER_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
-
-
-@dataclass
-class OnnxTarget:
-    target: str
-    node: str
-    input_index: int
-    tensor: str  # the float tensor name in the exported (unquantized) graph
-    kind: str
-    bits: int
-    signed: bool
-    axis: int | None
-    scale: list[float]
 
 
 class _TensorInputs(torch.nn.Module):
@@ -56,9 +42,6 @@ class _TensorInputs(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor) -> Any:
         named = dict(zip(self.keys, tensors[self.positional :], strict=True))
         return self.model(*tensors[: self.positional], **named, **self.fixed)
-
-
-_WRAPPER_SCOPE = "model"  # the model's scope inside _TensorInputs, dropped from ONNX node names
 
 
 def export_float_onnx(model: LoadedModel, batch: Batch, path: Path) -> list[str]:
@@ -107,254 +90,23 @@ def _export_checked(module: torch.nn.Module, example: tuple[Any, ...], path: Pat
         ) from exc
 
 
-def _scope(node_name: str) -> str:
-    """'/layers.0/attention/query/MatMul' -> 'layers.0.attention.query' (the module path)."""
-    parts = [p for p in node_name.split("/") if p]
-    if parts and parts[0] == _WRAPPER_SCOPE:
-        parts = parts[1:]
-    return ".".join(parts[:-1])
-
-
-def _edge(
-    tid: str, entry: TargetScales, node: Any, index: int, axis: int | None, scale: list[float]
-) -> OnnxTarget:
-    return OnnxTarget(
-        tid, node.name, index, node.input[index], entry.kind, entry.bits, entry.signed, axis, scale
-    )
-
-
-def _onnx_scope(module: str, by_scope: dict[str, list[Any]]) -> str:
-    """The exporter names scopes by the modules actually called: a head that calls
-    ``self.model.decoder(...)`` directly gives 'decoder.layers.0', not 'model.decoder.layers.0'."""
-    if module in by_scope:
-        return module
-    parts = module.split(".")
-    return next(
-        (".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in by_scope), module
-    )
-
-
-def _repeated_calls(module: str, by_scope: dict[str, list[Any]], table: ScaleTable) -> list[Any]:
-    """The nodes of every call of ``module``, in order: the exporter names the second call of a shared
-    module (ALBERT's layers) 'attention_1', the third 'attention_2' (unless that is a real module)."""
-    scope = _onnx_scope(module, by_scope)
-    real = {e.module for e in table.targets.values()}
-    nodes, k = list(by_scope.get(scope, [])), 1
-    while f"{scope}_{k}" in by_scope and f"{module}_{k}" not in real:
-        nodes += by_scope[f"{scope}_{k}"]
-        k += 1
-    return nodes
-
-
-def _initializers_by_value(graph: Any) -> dict[tuple[tuple[int, ...], bytes], str]:
-    """Float initializers with 2+ dimensions by (shape, digest of their float32 bytes)."""
-    from onnx import numpy_helper
-
-    out: dict[tuple[tuple[int, ...], bytes], str] = {}
-    for init in graph.initializer:
-        if len(init.dims) >= 2:
-            a = numpy_helper.to_array(init)
-            if a.dtype.kind == "f":
-                out.setdefault(_digest(a), init.name)
-    return out
-
-
-def _digest(a: np.ndarray) -> tuple[tuple[int, ...], bytes]:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return tuple(a.shape), hashlib.sha1(a.tobytes()).digest()
-
-
-def _identity_aliases(graph: Any) -> dict[str, str]:
-    """Identity outputs -> the tensor they pass on: the exporter shares one initializer between the
-    calls of a reused layer (ALBERT) through Identity nodes."""
-    alias: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type == "Identity":
-            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
-    return alias
-
-
-def _param_edges(
-    graph: Any, params: dict[str, torch.Tensor], by_value: dict[tuple[tuple[int, ...], bytes], str]
-) -> dict[str, tuple[list[tuple[Any, int]], bool]]:
-    """Per Parameter name: the layer nodes reading its initializer, with the weight's input index, in
-    graph (= call) order, and whether the initializer holds it transposed (a MatMul's W^T)."""
-    alias = _identity_aliases(graph)
-    consumers: dict[str, list[tuple[Any, int]]] = {}
-    for node in graph.node:
-        if node.op_type in _LAYER_OPS:
-            for index, name in enumerate(node.input[:2]):
-                consumers.setdefault(alias.get(name, name), []).append((node, index))
-    out = {}
-    for pname, p in params.items():
-        w = p.detach().to("cpu", torch.float32).numpy()
-        for transposed, value in ((False, w), (True, w.T if w.ndim == 2 else None)):
-            init = by_value.get(_digest(value)) if value is not None else None
-            if init is not None and init in consumers:
-                out[pname] = (consumers[init], transposed)
-                break
-    return out
-
-
-def locate_targets(
-    graph: Any, table: ScaleTable, method: str, params: dict[str, torch.Tensor] | None = None
-) -> list[OnnxTarget]:
-    """Match every target of ``table`` to node inputs of ``graph``.
-
-    A weight (and its op's input) is found by the value of its Parameter among the initializers, so
-    names and scopes do not matter: the k-th layer node reading it is the op's k-th call. Matmul
-    operands between activations are found by module scope and call order.
-    """
-    by_scope: dict[str, list[Any]] = {}
-    for node in graph.node:
-        by_scope.setdefault(_scope(node.name), []).append(node)
-    initializers = {init.name: init for init in graph.initializer}
-    wanted = {e.param for e in table.targets.values() if e.param}
-    edges = _param_edges(
-        graph, {k: v for k, v in (params or {}).items() if k in wanted}, _initializers_by_value(graph)
-    )
-    found, missing = [], []
-    for tid, entry in table.targets.items():
-        if method not in entry.methods:
-            continue
-        amax = entry.methods[method].amax.reshape(-1)
-        scale = (amax / entry.grid(table.convention).qmax).tolist()
-        if entry.param:
-            if entry.param not in edges:
-                missing.append(tid)
-                continue
-            readers, transposed = edges[entry.param]
-            if entry.kind == "weight":
-                axis = None if entry.axis is None else (1 - entry.axis if transposed else entry.axis)
-                found += [_edge(tid, entry, node, index, axis, scale) for node, index in readers]
-                continue
-            call = int(entry.role.rpartition("input")[2] or 0)
-            if call >= len(readers):
-                missing.append(tid)
-                continue
-            node, index = readers[call]
-            found.append(
-                _edge(tid, entry, node, 1 - index if node.op_type in ("Gemm", "MatMul") else 0, None, scale)
-            )
-            continue
-        nodes = by_scope.get(_onnx_scope(entry.module, by_scope), [])
-        layer = [n for n in nodes if n.op_type in _LAYER_OPS and n.input[1] in initializers]
-        if entry.role in ("input", "weight") and layer:  # version 1 files and exported programs
-            node = layer[0]
-            index = 0 if entry.role == "input" else 1
-            axis = None
-            if entry.role == "weight":
-                # Gemm(transB=1) and Conv keep PyTorch's (out, in, ...) layout; MatMul holds W^T: (in, out).
-                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-                axis = 0 if node.op_type in ("Conv", "ConvTranspose") or trans_b else 1
-                if node.op_type == "ConvTranspose":
-                    axis = 1
-                if entry.axis is None:
-                    axis = None
-            found.append(_edge(tid, entry, node, index, axis, scale))
-        elif entry.role.startswith("matmul"):
-            position, side = entry.role[len("matmul") :].split(".")
-            # Every MatMul in the module's own scope counts, parameter operands included, as in
-            # calibration; a child Linear's MatMul lives in the child's scope.
-            matmuls = [n for n in _repeated_calls(entry.module, by_scope, table) if n.op_type == "MatMul"]
-            if int(position) < len(matmuls):
-                node = matmuls[int(position)]
-                index = 0 if side == "lhs" else 1
-                found.append(_edge(tid, entry, node, index, None, scale))
-            else:
-                missing.append(tid)
-        else:
-            missing.append(tid)
-    if missing:
-        raise ScaleFileError(
-            f"{len(missing)} targets have no counterpart in the exported ONNX graph: "
-            f"{', '.join(missing[:5])}. A weight must reach a Gemm, MatMul or Conv unchanged as an "
-            "initializer; it does not when it is sliced (cross-attention's in-projection), computed in the "
-            "forward pass (weight norm), or folded by the exporter (a Conv followed by BatchNorm). sdpa "
-            "operands export as one fused op: use explicit-matmul (eager) attention."
-        )
-    return found
-
-
 def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None:
     """Rewire each target's node input through Clip -> QuantizeLinear -> DequantizeLinear."""
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    inits = {i.name: i for i in graph.initializer}
-    aliases = _identity_aliases(graph)
     new_nodes: dict[str, list[Any]] = {}
     replaced: set[str] = set()
     for k, t in enumerate(targets):
-        if t.bits > 8:
-            raise SpecError(
-                f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container)."
-            )
-        qmax = table.targets[t.target].grid(table.convention).qmax
-        if qmax > (127 if t.signed else 255):
-            raise SpecError(
-                f"Target '{t.target}' uses integers up to {qmax} ({t.bits} bits, {table.convention} grid), "
-                "more than an 8-bit container holds; export 8 bits on the runtime grid, or fewer bits."
-            )
-        node = nodes[t.node]
-        zp_type = TensorProto.INT8 if t.signed else TensorProto.UINT8
-        prefix = f"octavcal_{k}"
+        qmax = _container_qmax(t, table)
+        node, prefix = nodes[t.node], f"octavcal_{k}"
         scale = np.asarray(t.scale, dtype=np.float32)
-        amax = scale * qmax
+        chain: list[Any] = []
         if t.kind == "weight":
-            source_name = node.input[t.input_index]
-            w = numpy_helper.to_array(inits[aliases.get(source_name, source_name)]).astype(np.float32)
-            shape = [1] * w.ndim
-            if t.axis is not None:
-                shape[t.axis] = -1
-            clipped = np.clip(w, -amax.reshape(shape), amax.reshape(shape)).astype(np.float32)
-            graph.initializer.append(numpy_helper.from_array(clipped, f"{prefix}_w"))
+            source = _clipped_weight(graph, node, t, prefix, scale * qmax)
             replaced.add(node.input[t.input_index])
-            source = f"{prefix}_w"
-            chain = []
         else:
-            lo = np.asarray(-amax[0] if t.signed else 0.0, dtype=np.float32)
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(lo, f"{prefix}_lo"),
-                    numpy_helper.from_array(amax[0].astype(np.float32), f"{prefix}_hi"),
-                ]
-            )
-            chain = [
-                helper.make_node(
-                    "Clip",
-                    [t.tensor, f"{prefix}_lo", f"{prefix}_hi"],
-                    [f"{prefix}_clipped"],
-                    name=f"{prefix}_Clip",
-                )
-            ]
-            source = f"{prefix}_clipped"
-        scale_init = scale if t.axis is not None else scale[:1].reshape(())
-        zero = np.zeros(scale_init.shape, dtype=np.int8 if t.signed else np.uint8)
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(scale_init.astype(np.float32), f"{prefix}_scale"),
-                helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist()),
-            ]
-        )
-        axis: dict[str, Any] = {"axis": t.axis} if t.axis is not None else {}
-        chain += [
-            helper.make_node(
-                "QuantizeLinear",
-                [source, f"{prefix}_scale", f"{prefix}_zp"],
-                [f"{prefix}_q"],
-                name=f"{prefix}_QuantizeLinear",
-                **axis,
-            ),
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"],
-                [f"{prefix}_dq"],
-                name=f"{prefix}_DequantizeLinear",
-                **axis,
-            ),
-        ]
+            source, chain = _clip(graph, t, prefix, scale * qmax)
+        chain += _quantize_dequantize(graph, t, prefix, source, scale)
         node.input[t.input_index] = f"{prefix}_dq"
         new_nodes.setdefault(t.node, []).extend(chain)
     ordered = []
@@ -367,6 +119,83 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
     kept = [i for i in graph.initializer if i.name not in replaced or i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def _container_qmax(t: OnnxTarget, table: ScaleTable) -> int:
+    """The target's qmax, refused when an 8-bit container cannot hold its grid."""
+    if t.bits > 8:
+        raise SpecError(
+            f"Target '{t.target}' has {t.bits} bits; the ONNX export holds at most 8 (int8 container)."
+        )
+    qmax = table.targets[t.target].grid(table.convention).qmax
+    if qmax > (127 if t.signed else 255):
+        raise SpecError(
+            f"Target '{t.target}' uses integers up to {qmax} ({t.bits} bits, {table.convention} grid), "
+            "more than an 8-bit container holds; export 8 bits on the runtime grid, or fewer bits."
+        )
+    return qmax
+
+
+def _clipped_weight(graph: Any, node: Any, t: OnnxTarget, prefix: str, amax: np.ndarray) -> str:
+    """A weight is clipped offline (per channel along ``t.axis``): a new initializer."""
+    from onnx import numpy_helper
+
+    name = node.input[t.input_index]
+    name = identity_aliases(graph).get(name, name)
+    w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == name)).astype(np.float32)
+    shape = [1] * w.ndim
+    if t.axis is not None:
+        shape[t.axis] = -1
+    clipped = np.clip(w, -amax.reshape(shape), amax.reshape(shape)).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(clipped, f"{prefix}_w"))
+    return f"{prefix}_w"
+
+
+def _clip(graph: Any, t: OnnxTarget, prefix: str, amax: np.ndarray) -> tuple[str, list[Any]]:
+    """An activation is clipped at run time to [-amax, amax] (signed) or [0, amax]: the narrow B-bit
+    grid inside the 8-bit container."""
+    from onnx import helper, numpy_helper
+
+    lo = np.asarray(-amax[0] if t.signed else 0.0, dtype=np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(lo, f"{prefix}_lo"),
+            numpy_helper.from_array(amax[0].astype(np.float32), f"{prefix}_hi"),
+        ]
+    )
+    clip = helper.make_node(
+        "Clip", [t.tensor, f"{prefix}_lo", f"{prefix}_hi"], [f"{prefix}_clipped"], name=f"{prefix}_Clip"
+    )
+    return f"{prefix}_clipped", [clip]
+
+
+def _quantize_dequantize(graph: Any, t: OnnxTarget, prefix: str, source: str, scale: np.ndarray) -> list[Any]:
+    """QuantizeLinear -> DequantizeLinear with zero point 0, per channel when ``t.axis`` is set."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale_init = scale if t.axis is not None else scale[:1].reshape(())
+    zero = np.zeros(scale_init.shape, dtype=np.int8 if t.signed else np.uint8)
+    zp_type = TensorProto.INT8 if t.signed else TensorProto.UINT8
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(scale_init.astype(np.float32), f"{prefix}_scale"),
+            helper.make_tensor(f"{prefix}_zp", zp_type, list(zero.shape), zero.reshape(-1).tolist()),
+        ]
+    )
+    axis: dict[str, Any] = {"axis": t.axis} if t.axis is not None else {}
+    inputs = [f"{prefix}_scale", f"{prefix}_zp"]
+    return [
+        helper.make_node(
+            "QuantizeLinear", [source, *inputs], [f"{prefix}_q"], name=f"{prefix}_QuantizeLinear", **axis
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{prefix}_q", *inputs],
+            [f"{prefix}_dq"],
+            name=f"{prefix}_DequantizeLinear",
+            **axis,
+        ),
+    ]
 
 
 def _checked(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> None:
