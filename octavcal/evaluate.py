@@ -78,47 +78,53 @@ def evaluate(
         for i, batch in enumerate(batches()):
             check_finite_inputs(batch, f"Evaluation batch {i}")
             ref = _output(float_run(batch)).float()
-            n = ref.shape[0]
-            samples += n
+            samples += ref.shape[0]
             classes = ref.dim() == 2 and ref.shape[1] > 1
             if batch.labels is not None and classes:
-                labelled += n
+                labelled += ref.shape[0]
                 float_correct += int((ref.argmax(1) == batch.labels.to(ref.device)).sum())
             for method, bits, name, sim in sims:
                 out = _output(sim(*batch.args, **batch.kwargs)).float()
-                a = acc[(method, bits, name)]
-                flat_ref, flat_out = ref.reshape(n, -1), out.reshape(n, -1)
-                a["cos"] = a.get("cos", 0.0) + float(
-                    torch.nn.functional.cosine_similarity(flat_out, flat_ref).sum()
+                _add_agreement(
+                    acc[(method, bits, name)], out, ref, batch.labels if classes else None, classes
                 )
-                a["sse"] = a.get("sse", 0.0) + float((out - ref).double().square().sum())
-                a["energy"] = a.get("energy", 0.0) + float(ref.double().square().sum())
-                a["count"] = a.get("count", 0.0) + ref.numel()
-                if classes:
-                    a["agree"] = a.get("agree", 0.0) + int((out.argmax(1) == ref.argmax(1)).sum())
-                    if batch.labels is not None:
-                        a["correct"] = a.get("correct", 0.0) + int(
-                            (out.argmax(1) == batch.labels.to(out.device)).sum()
-                        )
             if progress:
                 progress("evaluating", i + 1, None)
     if not samples:
         raise CalibrationError("No evaluation batches were given.")
-    rows = []
-    for (method, bits, name), a in acc.items():
-        sqnr = sqnr_from(a["energy"], a["sse"])
-        rows.append(
-            Fidelity(
-                method,
-                bits,
-                name,
-                samples,
-                a["correct"] / labelled if labelled and "correct" in a else None,
-                float_correct / labelled if labelled else None,
-                a["agree"] / samples if "agree" in a else None,
-                a["cos"] / samples,
-                a["sse"] / a["count"],
-                sqnr,
-            )
-        )
-    return rows
+    return [_fidelity(key, a, samples, labelled, float_correct) for key, a in acc.items()]
+
+
+def _add_agreement(
+    a: dict[str, float], out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None, classes: bool
+) -> None:
+    """Add one batch's sums: cosine, squared error, energy, and (class outputs) agreement and hits."""
+    n = ref.shape[0]
+    a["cos"] = a.get("cos", 0.0) + float(
+        torch.nn.functional.cosine_similarity(out.reshape(n, -1), ref.reshape(n, -1)).sum()
+    )
+    a["sse"] = a.get("sse", 0.0) + float((out - ref).double().square().sum())
+    a["energy"] = a.get("energy", 0.0) + float(ref.double().square().sum())
+    a["count"] = a.get("count", 0.0) + ref.numel()
+    if classes:
+        a["agree"] = a.get("agree", 0.0) + int((out.argmax(1) == ref.argmax(1)).sum())
+        if labels is not None:
+            a["correct"] = a.get("correct", 0.0) + int((out.argmax(1) == labels.to(out.device)).sum())
+
+
+def _fidelity(
+    key: tuple[str, int, str], a: dict[str, float], samples: int, labelled: int, float_correct: int
+) -> Fidelity:
+    method, bits, name = key
+    return Fidelity(
+        method,
+        bits,
+        name,
+        samples,
+        a["correct"] / labelled if labelled and "correct" in a else None,
+        float_correct / labelled if labelled else None,
+        a["agree"] / samples if "agree" in a else None,
+        a["cos"] / samples,
+        a["sse"] / a["count"],
+        sqnr_from(a["energy"], a["sse"]),
+    )
