@@ -14,6 +14,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ try:  # Ctrl-C while the command line is still importing: one line, exit 130
     from ._version import __version__
     from .calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
     from .compare import compare, summarize
-    from .data import batch_sources, first_batch, load_data
+    from .data import batch_sources, first_batch, load_heldout
     from .errors import LoadError, OctavcalError, OctavcalWarning, SpecError
     from .evaluate import evaluate
     from .files import atomic_write, check_output, check_output_folder, output_set
@@ -141,12 +142,86 @@ HF_CLASS_HELP = (
     "'architectures', else AutoModel]."
 )
 
+SEED = click.IntRange(0, 2**63 - 1)  # what a torch.Generator takes
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The MODEL argument and the options that say how to load it (shared by every command)."""
+
+    path: Path
+    arch: str | None
+    allow_pickle: bool
+    hf_class: str | None
+
+    def load(self, device: str = "cpu", dtype: str | None = None) -> Any:
+        return load_model(
+            self.path,
+            arch=self.arch,
+            allow_pickle=self.allow_pickle,
+            device=device,
+            dtype=DTYPES[dtype] if dtype else None,
+            hf_class=self.hf_class,
+        )
+
+
+@dataclass(frozen=True)
+class Display:
+    """--quiet and --json: what a command prints besides errors."""
+
+    quiet: bool
+    as_json: bool
+
+    @property
+    def tables(self) -> bool:
+        return not (self.quiet or self.as_json)
+
+
+def _grouped(options: list[Callable[..., Any]], name: str, build: Callable[..., Any], keys: list[str]) -> Any:
+    """A decorator adding ``options`` to a command and passing them on as one object ``name``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = build(*(kwargs.pop(k) for k in keys))
+            return fn(*args, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+model_options = _grouped(
+    [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--arch", help=ARCH_HELP),
+        click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+        click.option("--hf-class", help=HF_CLASS_HELP),
+    ],
+    "source",
+    ModelSource,
+    ["model", "arch", "allow_pickle", "hf_class"],
+)
+
+
+def display_options(what: str) -> Any:
+    return _grouped(
+        [
+            click.option("--quiet", is_flag=True, help="No progress bars or tables."),
+            click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON instead of tables."),
+        ],
+        "show",
+        Display,
+        ["quiet", "as_json"],
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -161,11 +236,10 @@ def main(show_traceback: bool) -> None:
 
 
 @main.command("calibrate")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_options
 @click.option(
     "--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable."
 )
-@click.option("--arch", help=ARCH_HELP)
 @click.option("--bits", default=8, show_default=True, type=int, help="Bit width for every target.")
 @click.option(
     "--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern."
@@ -180,7 +254,7 @@ def main(show_traceback: bool) -> None:
     "--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use."
 )
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel."
 )
@@ -193,38 +267,24 @@ def main(show_traceback: bool) -> None:
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors]."
 )
-@click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--device", help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--hf-class", help=HF_CLASS_HELP)
 @click.option(
     "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
 )
-@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of tables.")
+@display_options("a summary")
 @friendly_errors
 def calibrate_command(
-    model: Path,
+    source: ModelSource,
     data: str,
-    arch: str | None,
-    bits: int,
-    layer_bits: tuple[str, ...],
-    first_last_8bit: bool,
-    methods: str,
     num_batches: int,
     batch_size: int,
     seed: int,
-    per_tensor_weights: bool,
-    keep_padding: bool,
-    convention: str,
     output: Path | None,
     device: str | None,
     dtype: str | None,
-    allow_pickle: bool,
-    hf_class: str | None,
-    strict: bool,
-    quiet: bool,
-    as_json: bool,
+    show: Display,
+    **options: Any,
 ) -> None:
     """Calibrate MODEL's clipping scalars on calibration data and write a scale file.
 
@@ -237,6 +297,36 @@ def calibrate_command(
           --arch sample_models.digits_cnn:build \\
           --data sample_models/digits_cnn.calib.safetensors --bits 4
     """
+    config = _calibration_config(**options)
+    model = source.path
+    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
+    dev = resolve_device(device)
+    loaded = source.load(dev, dtype)
+    calib, _ = batch_sources(
+        data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
+    )
+    with progress_bar(not show.tables) as progress:
+        table = calibrate(loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches)
+    if loaded.note:
+        click.echo(f"Warning: {loaded.note}", err=True)
+    save_scales(table, output)
+    if show.as_json:
+        click.echo(json.dumps(scales_summary(table, output), indent=2))
+    elif not show.quiet:
+        render_calibration(table, output)
+
+
+def _calibration_config(
+    bits: int,
+    layer_bits: tuple[str, ...],
+    first_last_8bit: bool,
+    methods: str,
+    per_tensor_weights: bool,
+    keep_padding: bool,
+    convention: str,
+    strict: bool,
+) -> CalibrationConfig:
+    """calibrate's options as a validated CalibrationConfig (before any file is read)."""
     config = CalibrationConfig(
         bits=bits,
         methods=tuple(methods.split(",")),
@@ -248,35 +338,12 @@ def calibrate_command(
         strict=strict,
     )
     config.validate()
-    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
-    dev = resolve_device(device)
-    loaded = load_model(
-        model,
-        arch=arch,
-        allow_pickle=allow_pickle,
-        device=dev,
-        dtype=DTYPES[dtype] if dtype else None,
-        hf_class=hf_class,
-    )
-    calib, _ = batch_sources(
-        data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
-    )
-    batches = calib()  # made one at a time, as calibration pulls them
-    with progress_bar(quiet or as_json) as progress:
-        table = calibrate(loaded, batches, config, seed=seed, progress=progress, total_batches=num_batches)
-    if loaded.note:
-        click.echo(f"Warning: {loaded.note}", err=True)
-    save_scales(table, output)
-    if as_json:
-        click.echo(json.dumps(scales_summary(table, output), indent=2))
-    elif not quiet:
-        render_calibration(table, output)
+    return config
 
 
 @main.command("compare")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_options
 @click.option("--data", required=True, help="Calibration data, as for calibrate.")
-@click.option("--arch", help=ARCH_HELP)
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option(
     "--bits", "bits_list", default="4", show_default=True, help="One or more bit widths: 4 or 4,5,6,7,8."
@@ -290,7 +357,7 @@ def calibrate_command(
 )
 @click.option("--heldout-data", help="Held-out data file [default: other samples of --data].")
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--curve-points", default=100, show_default=True, type=int, help="Samples of each MSE curve.")
 @click.option(
     "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
@@ -299,17 +366,11 @@ def calibrate_command(
 @click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
 @click.option("--device", help=DEVICE_HELP)
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--hf-class", help=HF_CLASS_HELP)
-@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
+@display_options("the summary")
 @friendly_errors
 def compare_command(
-    model: Path,
+    source: ModelSource,
     data: str,
-    arch: str | None,
-    methods: str,
-    bits_list: str,
     scales: Path | None,
     num_batches: int,
     heldout_batches: int,
@@ -317,15 +378,11 @@ def compare_command(
     batch_size: int,
     seed: int,
     curve_points: int,
-    convention: str,
-    keep_padding: bool,
     out: Path,
     no_plots: bool,
     device: str | None,
-    allow_pickle: bool,
-    hf_class: str | None,
-    quiet: bool,
-    as_json: bool,
+    show: Display,
+    **options: Any,
 ) -> None:
     """Compare every method's quantization MSE, SQNR and time per target (Appendices F and G).
 
@@ -336,16 +393,10 @@ def compare_command(
           --data sample_models/digits_transformer.calib.safetensors \\
           --methods octav,sweep,p99.99 --bits 4,8 --out report
     """
-    bits = parse_bits_list(bits_list)
-    if curve_points < 2:
-        raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
-    config = CalibrationConfig(
-        bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
-    )
-    config.validate()
+    config, bits = _comparison_config(curve_points=curve_points, **options)
     check_output_folder(out)
     dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
+    loaded = source.load(dev)
     tables = None
     if scales is not None:
         table = load_scales(scales)
@@ -353,7 +404,7 @@ def compare_command(
         tables = {int(table.meta.get("bits", bits[0])): table}
         bits = list(tables)
     calib, held = batch_sources(data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None)
-    with progress_bar(quiet or as_json) as progress:
+    with progress_bar(not show.tables) as progress:
         report = compare(
             loaded,
             calib,
@@ -366,34 +417,48 @@ def compare_command(
             progress=progress,
         )
     paths = write_report(report, out, plots=not no_plots)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {"summary": summarize(report), "files": {k: str(v) for k, v in paths.items()}},
-                indent=2,
-                default=str,
-            )
-        )
-    elif not quiet:
+    if show.as_json:
+        files = {k: str(v) for k, v in paths.items()}
+        click.echo(json.dumps({"summary": summarize(report), "files": files}, indent=2, default=str))
+    elif not show.quiet:
         render_comparison(report)
         console.print(f"Wrote {paths['html']}, {paths['json']}, {paths['csv']} and {len(paths) - 3} plots")
 
 
+def _comparison_config(
+    methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int
+) -> tuple[CalibrationConfig, list[int]]:
+    """compare's options as a validated CalibrationConfig and its bit widths (before any file is read)."""
+    bits = parse_bits_list(bits_list)
+    if curve_points < 2:
+        raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
+    config = CalibrationConfig(
+        bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
+    )
+    config.validate()
+    return config, bits
+
+
 @main.command("evaluate")
-@click.argument("model", type=click.Path(path_type=Path))
+@model_options
 @click.option("--data", required=True, help="Held-out data (a 'labels' entry enables accuracy).")
 @click.option(
     "--scales", "scale_files", multiple=True, type=click.Path(path_type=Path), help="Scale files (repeat)."
 )
 @click.option("--calib-data", help="Calibrate on this data instead of reading --scales (with --bits).")
 @click.option("--bits", "bits_list", default="4,6,8", show_default=True, help="Bit widths with --calib-data.")
-@click.option("--arch", help=ARCH_HELP)
 @click.option("--methods", help="Methods to evaluate [default: all in each scale file].")
 @click.option(
     "--batches", "num_batches", default=10, show_default=True, type=int, help="Calibration batches."
 )
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Samples per batch (evaluation and calibration).",
+)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--labels",
     "labels_file",
@@ -402,29 +467,21 @@ def compare_command(
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
 @click.option("--device", help=DEVICE_HELP)
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--hf-class", help=HF_CLASS_HELP)
-@click.option("--quiet", is_flag=True, help="No progress bars or tables.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
+@display_options("the results")
 @friendly_errors
 def evaluate_command(
-    model: Path,
+    source: ModelSource,
     data: str,
     scale_files: tuple[Path, ...],
     calib_data: str | None,
     bits_list: str,
-    arch: str | None,
     methods: str | None,
-    num_batches: int,
     batch_size: int,
-    seed: int,
     labels_file: Path | None,
     out: Path | None,
     device: str | None,
-    allow_pickle: bool,
-    hf_class: str | None,
-    quiet: bool,
-    as_json: bool,
+    show: Display,
+    **calibration: Any,
 ) -> None:
     """Compare each method's simulated quantized model with the float model on held-out data.
 
@@ -438,18 +495,12 @@ def evaluate_command(
         check_output_folder(out)
     if batch_size < 1:
         raise LoadError(f"Batch size must be positive: got {batch_size}.")
-    bits_to_calibrate = parse_bits_list(bits_list) if calib_data and not scale_files else []
     if not scale_files and not calib_data:
         raise click.UsageError("Give --scales, or --calib-data with --bits.")
-    # Every input is read before any calibration work, so a wrong path fails at once.
-    held = load_data(data)
-    if labels_file is not None:
-        labels = load_data(labels_file, what="Labels file")
-        held.labels = labels.args[0] if labels.args else next(iter(labels.kwargs.values()), labels.labels)
-        if held.labels is None or held.labels.shape[0] != held.num_samples:
-            raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{data}'.")
+    bits = parse_bits_list(bits_list) if not scale_files else []
+    held = load_heldout(data, labels_file)  # every input is read before any calibration work
     dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, device=dev, hf_class=hf_class)
+    loaded = source.load(dev)
     method_list = methods.split(",") if methods else None
     if scale_files:
         tables = [load_scales(p) for p in scale_files]
@@ -457,23 +508,25 @@ def evaluate_command(
         for path, table in zip(scale_files, tables, strict=True):
             check_fingerprint(table, loaded.module, path)
     else:
-        tables, names = [], []
-        for bits in bits_to_calibrate:
-            names.append(f"calibrated at {bits} bits")
-            config = CalibrationConfig(bits=bits, methods=tuple(method_list or DEFAULT_METHODS))
-            calib, _ = batch_sources(calib_data, 32, num_batches, 0, seed, None, dev, None)  # type: ignore[arg-type]
-            with progress_bar(quiet or as_json) as progress:
-                tables.append(calibrate(loaded, calib(), config, seed=seed, progress=progress))
+        names = [f"calibrated at {b} bits" for b in bits]
+        calib, _ = batch_sources(
+            str(calib_data), batch_size, calibration["num_batches"], 0, calibration["seed"], None, dev, None
+        )
+        configs = [CalibrationConfig(bits=b, methods=tuple(method_list or DEFAULT_METHODS)) for b in bits]
+        with progress_bar(not show.tables) as progress:
+            tables = [
+                calibrate(loaded, calib(), c, seed=calibration["seed"], progress=progress) for c in configs
+            ]
     order = torch.arange(held.num_samples).split(batch_size)
-    with progress_bar(quiet or as_json) as progress:
+    with progress_bar(not show.tables) as progress:
         rows = evaluate(
             loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress, names
         )
     if out is not None:
         write_evaluation(rows, out)
-    if as_json:
+    if show.as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2, default=str))
-    elif not quiet:
+    elif not show.quiet:
         render_evaluation(rows)
 
 
@@ -485,16 +538,13 @@ def export_group() -> None:
 def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
-            click.argument("model", type=click.Path(path_type=Path)),
+            model_options,
             click.option("--scales", required=True, type=click.Path(path_type=Path)),
             click.option("--method", default="octav", show_default=True),
             click.option(
                 "--data", required=True, help="Example inputs for tracing (the first batch is used)."
             ),
-            click.option("--arch", help=ARCH_HELP),
             click.option("--batch-size", default=2, show_default=True, type=int),
-            click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
-            click.option("--hf-class", help=HF_CLASS_HELP),
             click.option("-o", "--output", required=True, type=click.Path(path_type=Path)),
         ]
     ):
@@ -506,14 +556,11 @@ def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_export_common
 @friendly_errors
 def export_onnx_command(
-    model: Path,
+    source: ModelSource,
     scales: Path,
     method: str,
     data: str,
-    arch: str | None,
     batch_size: int,
-    allow_pickle: bool,
-    hf_class: str | None,
     output: Path,
 ) -> None:
     """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
@@ -531,8 +578,8 @@ def export_onnx_command(
 
     overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
     for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
-        check_output(path, [model, scales, data])
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
+        check_output(path, [source.path, scales, data])
+    loaded = source.load()
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
     mapping = export_qdq(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
@@ -550,14 +597,11 @@ def export_onnx_command(
 )
 @friendly_errors
 def export_trt_command(
-    model: Path,
+    source: ModelSource,
     scales: Path,
     method: str,
     data: str,
-    arch: str | None,
     batch_size: int,
-    allow_pickle: bool,
-    hf_class: str | None,
     output: Path,
     onnx_path: Path | None,
 ) -> None:
@@ -577,8 +621,8 @@ def export_trt_command(
             "the cache and the float ONNX model need different paths", param_hint="--onnx"
         )
     for path in (output, onnx_path):
-        check_output(path, [model, scales, data])
-    loaded = load_model(model, arch=arch, allow_pickle=allow_pickle, hf_class=hf_class)
+        check_output(path, [source.path, scales, data])
+    loaded = source.load()
     table = load_scales(scales)
     check_fingerprint(table, loaded.module, scales)
     mapping = export_float(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), onnx_path)

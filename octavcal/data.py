@@ -263,3 +263,14 @@ def first_batch(data: str, batch_size: int, seed: int, dev: str) -> Batch:
         return next(iter(batches_from_callable(data, 1, seed))).to(dev)
     tensors = load_data(data)
     return tensors.batch(plan_batches(tensors.num_samples, batch_size, 1, seed)[0]).to(dev)
+
+
+def load_heldout(path: str | Path, labels_file: str | Path | None = None) -> TensorData:
+    """Held-out data, with labels from ``labels_file`` (one per sample) when the data has none."""
+    held = load_data(path)
+    if labels_file is not None:
+        labels = load_data(labels_file, what="Labels file")
+        held.labels = labels.args[0] if labels.args else next(iter(labels.kwargs.values()), labels.labels)
+        if held.labels is None or held.labels.shape[0] != held.num_samples:
+            raise LoadError(f"Labels file '{labels_file}' must hold one label per sample of '{path}'.")
+    return held
