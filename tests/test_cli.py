@@ -144,7 +144,7 @@ def test_data_with_nan_names_the_layer(tmp_path, cnn_paths):
 
 def test_interrupted_run_leaves_no_file(tmp_path, cnn_paths, monkeypatch):
     out = tmp_path / "o.safetensors"
-    import octavcal.cli as cli
+    import octavcal.cli.commands as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

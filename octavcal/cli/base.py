@@ -1,0 +1,219 @@
+"""The command group, error handling and the options every command shares.
+
+Errors from the library (OctavcalError) become one ``Error: ...`` line and exit code 1; click's usage
+errors exit with 2. Results go to stdout, progress and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import _interrupted_at_start_up
+
+try:  # Ctrl-C while the command line is still importing: one line, exit 130
+    import click
+    import torch
+
+    from .._version import __version__
+    from ..errors import OctavcalError, OctavcalWarning, SpecError
+    from ..files import output_set
+    from ..grid import check_bits
+    from ..loading import load_model
+except KeyboardInterrupt:
+    _interrupted_at_start_up()
+    raise
+
+
+# Library messages name library arguments; the command line names its options instead.
+_OPTION_NAMES = {
+    "allow_pickle=True": "--allow-pickle",
+    "strict=True": "--strict",
+    "hf_class=": "--hf-class ",
+}
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+\.[^.]+\.tmp$")
+
+
+def show_tracebacks() -> bool:
+    return os.environ.get("OCTAVCAL_TRACEBACK", "") not in ("", "0")
+
+
+def _with_options(message: str) -> str:
+    for library, option in _OPTION_NAMES.items():
+        message = message.replace(library, option)
+    return message
+
+
+def _intended(filename: str) -> str:
+    """An OSError on a temporary output names the file that was being written instead."""
+    path = Path(filename)
+    match = _TEMPORARY.match(path.name)
+    return str(path.with_name(match["name"])) if match else filename
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into 'Error: ...' (exit 1) and Ctrl-C into exit 130, never a traceback
+    (unless --traceback or OCTAVCAL_TRACEBACK=1). A command's output files appear all together, and
+    none of them when it fails."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            click.echo(f"Warning: {message}", err=True)
+
+        try:
+            with warnings.catch_warnings(), output_set():  # the caller's warning settings come back after
+                warnings.showwarning = show_warning
+                warnings.simplefilter("always", OctavcalWarning)
+                return fn(*args, **kwargs)
+        except OctavcalError as exc:
+            _traceback()
+            click.echo(f"Error: {_with_options(str(exc))}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # an output that cannot be written, a file that cannot be read
+            _traceback()
+            where = f" '{_intended(str(exc.filename))}'" if getattr(exc, "filename", None) else ""
+            click.echo(f"Error: Cannot use{where}: {exc.strerror or exc}.", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _traceback() -> None:
+    if show_tracebacks():
+        traceback.print_exc()
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise SpecError(f"Unknown device '{device}'. Expected cpu, cuda or cuda:N.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"Device '{device}' was asked for, but CUDA is not available here.")
+    return device
+
+
+def parse_bits_list(text: str) -> list[int]:
+    """'4' or '4,5,6' -> [4, 5, 6]; anything else is a usage error."""
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        bits = []
+    if not bits:
+        raise click.BadParameter(f"expected bit widths like 4 or 4,5,6: got {text!r}", param_hint="--bits")
+    for b in bits:
+        check_bits(b)  # all of them before any calibration work
+    return bits
+
+
+DEVICE_HELP = "cpu or cuda [default: cuda when available]."
+PICKLE_HELP = "Load a pickled nn.Module (runs code from the file: trusted files only)."
+ARCH_HELP = "package.module:callable (or file.py:callable) that builds the module for a state_dict."
+HF_CLASS_HELP = (
+    "transformers class for a Hugging Face folder [default: the one config.json names under "
+    "'architectures', else AutoModel]."
+)
+
+SEED = click.IntRange(0, 2**63 - 1)  # what a torch.Generator takes
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The MODEL argument and the options that say how to load it (shared by every command)."""
+
+    path: Path
+    arch: str | None
+    allow_pickle: bool
+    hf_class: str | None
+
+    def load(self, device: str = "cpu", dtype: str | None = None) -> Any:
+        return load_model(
+            self.path,
+            arch=self.arch,
+            allow_pickle=self.allow_pickle,
+            device=device,
+            dtype=DTYPES[dtype] if dtype else None,
+            hf_class=self.hf_class,
+        )
+
+
+@dataclass(frozen=True)
+class Display:
+    """--quiet and --json: what a command prints besides errors."""
+
+    quiet: bool
+    as_json: bool
+
+    @property
+    def tables(self) -> bool:
+        return not (self.quiet or self.as_json)
+
+
+def _grouped(options: list[Callable[..., Any]], name: str, build: Callable[..., Any], keys: list[str]) -> Any:
+    """A decorator adding ``options`` to a command and passing them on as one object ``name``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = build(*(kwargs.pop(k) for k in keys))
+            return fn(*args, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+model_options = _grouped(
+    [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--arch", help=ARCH_HELP),
+        click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+        click.option("--hf-class", help=HF_CLASS_HELP),
+    ],
+    "source",
+    ModelSource,
+    ["model", "arch", "allow_pickle", "hf_class"],
+)
+
+
+def display_options(what: str) -> Any:
+    return _grouped(
+        [
+            click.option("--quiet", is_flag=True, help="No progress bars or tables."),
+            click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON instead of tables."),
+        ],
+        "show",
+        Display,
+        ["quiet", "as_json"],
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="octavcal")
+@click.option(
+    "--traceback", "show_traceback", is_flag=True, help="Show the full trace of an error (for debugging)."
+)
+def main(show_traceback: bool) -> None:
+    """Post-training quantization calibration: OCTAV, MSE sweep, percentiles and max-scaling."""
+    if show_traceback:
+        os.environ["OCTAVCAL_TRACEBACK"] = "1"

@@ -1,0 +1,335 @@
+"""calibrate, compare and evaluate: parse options, call the library, render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ..calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
+from ..compare import compare, summarize
+from ..data import batch_sources, load_heldout
+from ..errors import LoadError
+from ..evaluate import evaluate
+from ..files import check_output, check_output_folder
+from ..render import (
+    console,
+    progress_bar,
+    render_calibration,
+    render_comparison,
+    render_evaluation,
+    scales_summary,
+)
+from ..report import write_evaluation, write_report
+from ..scales import check_fingerprint, load_scales, save_scales
+from .base import (
+    DEVICE_HELP,
+    DTYPES,
+    SEED,
+    Display,
+    ModelSource,
+    display_options,
+    friendly_errors,
+    main,
+    model_options,
+    parse_bits_list,
+    resolve_device,
+)
+
+
+@main.command("calibrate")
+@model_options
+@click.option(
+    "--data", required=True, help="Tensor file (.pt, .safetensors, .npy, .npz) or package.module:callable."
+)
+@click.option("--bits", default=8, show_default=True, type=int, help="Bit width for every target.")
+@click.option(
+    "--layer-bits", multiple=True, metavar="PATTERN=BITS|skip", help="Per-layer bits by fnmatch pattern."
+)
+@click.option(
+    "--first-last-8bit", is_flag=True, help="Keep the first and last Linear/Conv at 8 bits (Appendix E.2)."
+)
+@click.option(
+    "--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Comma-separated methods."
+)
+@click.option(
+    "--batches", "num_batches", default=10, show_default=True, type=int, help="Random batches to use."
+)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option(
+    "--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel."
+)
+@click.option(
+    "--keep-padding", is_flag=True, help="Include padded positions (attention_mask == 0) in statistics."
+)
+@click.option(
+    "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors]."
+)
+@click.option("--device", help=DEVICE_HELP)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
+@click.option(
+    "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
+)
+@display_options("a summary")
+@friendly_errors
+def calibrate_command(
+    source: ModelSource,
+    data: str,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    output: Path | None,
+    device: str | None,
+    dtype: str | None,
+    show: Display,
+    **options: Any,
+) -> None:
+    """Calibrate MODEL's clipping scalars on calibration data and write a scale file.
+
+    Every linear, convolution and matrix product with a weight is calibrated (weight and input), and
+    every matmul between activations; weights that cannot be are listed with the reason.
+
+    \b
+    Example:
+      octavcal calibrate sample_models/digits_cnn.safetensors \\
+          --arch sample_models.digits_cnn:build \\
+          --data sample_models/digits_cnn.calib.safetensors --bits 4
+    """
+    config = _calibration_config(**options)
+    model = source.path
+    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
+    dev = resolve_device(device)
+    loaded = source.load(dev, dtype)
+    calib, _ = batch_sources(
+        data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
+    )
+    with progress_bar(not show.tables) as progress:
+        table = calibrate(loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches)
+    if loaded.note:
+        click.echo(f"Warning: {loaded.note}", err=True)
+    save_scales(table, output)
+    if show.as_json:
+        click.echo(json.dumps(scales_summary(table, output), indent=2))
+    elif not show.quiet:
+        render_calibration(table, output)
+
+
+def _calibration_config(
+    bits: int,
+    layer_bits: tuple[str, ...],
+    first_last_8bit: bool,
+    methods: str,
+    per_tensor_weights: bool,
+    keep_padding: bool,
+    convention: str,
+    strict: bool,
+) -> CalibrationConfig:
+    """calibrate's options as a validated CalibrationConfig (before any file is read)."""
+    config = CalibrationConfig(
+        bits=bits,
+        methods=tuple(methods.split(",")),
+        layer_bits=tuple(parse_layer_bits(s) for s in layer_bits),
+        first_last_bits=8 if first_last_8bit else None,
+        per_channel_weights=not per_tensor_weights,
+        mask_padding=not keep_padding,
+        convention=convention,
+        strict=strict,
+    )
+    config.validate()
+    return config
+
+
+@main.command("compare")
+@model_options
+@click.option("--data", required=True, help="Calibration data, as for calibrate.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
+@click.option(
+    "--bits", "bits_list", default="4", show_default=True, help="One or more bit widths: 4 or 4,5,6,7,8."
+)
+@click.option(
+    "--scales", type=click.Path(path_type=Path), help="Measure this scale file instead of calibrating."
+)
+@click.option("--batches", "num_batches", default=10, show_default=True, type=int)
+@click.option(
+    "--heldout-batches", default=5, show_default=True, type=int, help="Batches not used for calibration."
+)
+@click.option("--heldout-data", help="Held-out data file [default: other samples of --data].")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--curve-points", default=100, show_default=True, type=int, help="Samples of each MSE curve.")
+@click.option(
+    "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
+)
+@click.option("--keep-padding", is_flag=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
+@click.option("--device", help=DEVICE_HELP)
+@display_options("the summary")
+@friendly_errors
+def compare_command(
+    source: ModelSource,
+    data: str,
+    scales: Path | None,
+    num_batches: int,
+    heldout_batches: int,
+    heldout_data: str | None,
+    batch_size: int,
+    seed: int,
+    curve_points: int,
+    out: Path,
+    no_plots: bool,
+    device: str | None,
+    show: Display,
+    **options: Any,
+) -> None:
+    """Compare every method's quantization MSE, SQNR and time per target (Appendices F and G).
+
+    \b
+    Example:
+      octavcal compare sample_models/digits_transformer.safetensors \\
+          --arch sample_models.digits_transformer:build \\
+          --data sample_models/digits_transformer.calib.safetensors \\
+          --methods octav,sweep,p99.99 --bits 4,8 --out report
+    """
+    config, bits = _comparison_config(curve_points=curve_points, **options)
+    check_output_folder(out)
+    dev = resolve_device(device)
+    loaded = source.load(dev)
+    tables = None
+    if scales is not None:
+        table = load_scales(scales)
+        check_fingerprint(table, loaded.module, scales)
+        tables = {int(table.meta.get("bits", bits[0])): table}
+        bits = list(tables)
+    calib, held = batch_sources(data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None)
+    with progress_bar(not show.tables) as progress:
+        report = compare(
+            loaded,
+            calib,
+            held,
+            config,
+            bits,
+            tables=tables,
+            seed=seed,
+            curve_points=curve_points,
+            progress=progress,
+        )
+    paths = write_report(report, out, plots=not no_plots)
+    if show.as_json:
+        files = {k: str(v) for k, v in paths.items()}
+        click.echo(json.dumps({"summary": summarize(report), "files": files}, indent=2, default=str))
+    elif not show.quiet:
+        render_comparison(report)
+        console.print(f"Wrote {paths['html']}, {paths['json']}, {paths['csv']} and {len(paths) - 3} plots")
+
+
+def _comparison_config(
+    methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int
+) -> tuple[CalibrationConfig, list[int]]:
+    """compare's options as a validated CalibrationConfig and its bit widths (before any file is read)."""
+    bits = parse_bits_list(bits_list)
+    if curve_points < 2:
+        raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
+    config = CalibrationConfig(
+        bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
+    )
+    config.validate()
+    return config, bits
+
+
+@main.command("evaluate")
+@model_options
+@click.option("--data", required=True, help="Held-out data (a 'labels' entry enables accuracy).")
+@click.option(
+    "--scales", "scale_files", multiple=True, type=click.Path(path_type=Path), help="Scale files (repeat)."
+)
+@click.option("--calib-data", help="Calibrate on this data instead of reading --scales (with --bits).")
+@click.option("--bits", "bits_list", default="4,6,8", show_default=True, help="Bit widths with --calib-data.")
+@click.option("--methods", help="Methods to evaluate [default: all in each scale file].")
+@click.option(
+    "--batches", "num_batches", default=10, show_default=True, type=int, help="Calibration batches."
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Samples per batch (evaluation and calibration).",
+)
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(path_type=Path),
+    help="Labels (a tensor file, one per sample) when --data has no 'labels' entry.",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
+@click.option("--device", help=DEVICE_HELP)
+@display_options("the results")
+@friendly_errors
+def evaluate_command(
+    source: ModelSource,
+    data: str,
+    scale_files: tuple[Path, ...],
+    calib_data: str | None,
+    bits_list: str,
+    methods: str | None,
+    batch_size: int,
+    labels_file: Path | None,
+    out: Path | None,
+    device: str | None,
+    show: Display,
+    **calibration: Any,
+) -> None:
+    """Compare each method's simulated quantized model with the float model on held-out data.
+
+    \b
+    Example:
+      octavcal evaluate sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --data sample_models/digits_cnn.heldout.safetensors \\
+          --calib-data sample_models/digits_cnn.calib.safetensors --bits 4,6,8
+    """
+    if out is not None:
+        check_output_folder(out)
+    if batch_size < 1:
+        raise LoadError(f"Batch size must be positive: got {batch_size}.")
+    if not scale_files and not calib_data:
+        raise click.UsageError("Give --scales, or --calib-data with --bits.")
+    bits = parse_bits_list(bits_list) if not scale_files else []
+    held = load_heldout(data, labels_file)  # every input is read before any calibration work
+    dev = resolve_device(device)
+    loaded = source.load(dev)
+    method_list = methods.split(",") if methods else None
+    if scale_files:
+        tables = [load_scales(p) for p in scale_files]
+        names = [str(p) for p in scale_files]
+        for path, table in zip(scale_files, tables, strict=True):
+            check_fingerprint(table, loaded.module, path)
+    else:
+        names = [f"calibrated at {b} bits" for b in bits]
+        calib, _ = batch_sources(
+            str(calib_data), batch_size, calibration["num_batches"], 0, calibration["seed"], None, dev, None
+        )
+        configs = [CalibrationConfig(bits=b, methods=tuple(method_list or DEFAULT_METHODS)) for b in bits]
+        with progress_bar(not show.tables) as progress:
+            tables = [
+                calibrate(loaded, calib(), c, seed=calibration["seed"], progress=progress) for c in configs
+            ]
+    order = torch.arange(held.num_samples).split(batch_size)
+    with progress_bar(not show.tables) as progress:
+        rows = evaluate(
+            loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress, names
+        )
+    if out is not None:
+        write_evaluation(rows, out)
+    if show.as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2, default=str))
+    elif not show.quiet:
+        render_evaluation(rows)

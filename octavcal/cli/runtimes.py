@@ -1,0 +1,146 @@
+"""export (ONNX QDQ, TensorRT cache) and inspect: parse options, call the library, render."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..data import first_batch
+from ..errors import OctavcalError
+from ..files import atomic_write, check_output
+from ..render import render_scales, scales_summary
+from ..scales import check_fingerprint, load_scales
+from .base import ModelSource, friendly_errors, main, model_options
+
+
+@main.group("export")
+def export_group() -> None:
+    """Write scales for runtimes: ONNX QDQ models, ONNX Runtime overrides, TensorRT caches."""
+
+
+def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            model_options,
+            click.option("--scales", required=True, type=click.Path(path_type=Path)),
+            click.option("--method", default="octav", show_default=True),
+            click.option(
+                "--data", required=True, help="Example inputs for tracing (the first batch is used)."
+            ),
+            click.option("--batch-size", default=2, show_default=True, type=int),
+            click.option("-o", "--output", required=True, type=click.Path(path_type=Path)),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@export_group.command("onnx")
+@_export_common
+@friendly_errors
+def export_onnx_command(
+    source: ModelSource,
+    scales: Path,
+    method: str,
+    data: str,
+    batch_size: int,
+    output: Path,
+) -> None:
+    """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
+
+    Also writes OUTPUT.json (targets -> ONNX tensors and scales) and OUTPUT.ort_overrides.json
+    (ONNX Runtime's TensorQuantOverrides for quantize_static).
+
+    \b
+    Example:
+      octavcal export onnx sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --scales sample_models/digits_cnn.scales.safetensors \\
+          --data sample_models/digits_cnn.calib.safetensors -o cnn.qdq.onnx
+    """
+    from ..export.onnx import export_qdq, ort_overrides
+
+    overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
+    for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
+        check_output(path, [source.path, scales, data])
+    loaded = source.load()
+    table = load_scales(scales)
+    check_fingerprint(table, loaded.module, scales)
+    mapping = export_qdq(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
+    atomic_write(overrides, json.dumps(ort_overrides(table, method, mapping), indent=1))
+    click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
+
+
+@export_group.command("trt-cache")
+@_export_common
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(path_type=Path),
+    help="Also where the float ONNX goes [default: OUTPUT with .onnx].",
+)
+@friendly_errors
+def export_trt_command(
+    source: ModelSource,
+    scales: Path,
+    method: str,
+    data: str,
+    batch_size: int,
+    output: Path,
+    onnx_path: Path | None,
+) -> None:
+    """Write a TensorRT INT8 calibration cache (8-bit per-tensor activations) and the float ONNX it names.
+
+    \b
+    Example:
+      octavcal export trt-cache sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
+          --scales cnn8.scales.safetensors --data sample_models/digits_cnn.calib.safetensors -o cnn.cache
+    """
+    from ..export.onnx import export_float
+    from ..export.tensorrt import calibration_cache
+
+    onnx_path = onnx_path or output.with_suffix(".onnx")
+    if onnx_path.resolve() == output.resolve():
+        raise click.BadParameter(
+            "the cache and the float ONNX model need different paths", param_hint="--onnx"
+        )
+    for path in (output, onnx_path):
+        check_output(path, [source.path, scales, data])
+    loaded = source.load()
+    table = load_scales(scales)
+    check_fingerprint(table, loaded.module, scales)
+    mapping = export_float(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), onnx_path)
+    text, skipped = calibration_cache(table, method, mapping)
+    if len(text.splitlines()) < 2:
+        raise OctavcalError(
+            f"No target of '{scales}' belongs in a TensorRT cache (8-bit activations): "
+            f"{'; '.join(skipped[:3]) or 'no activations'}."
+        )
+    atomic_write(output, text)
+    for reason in skipped:
+        click.echo(f"Warning: left out of the cache: {reason}", err=True)
+    click.echo(f"Wrote {output} ({len(text.splitlines()) - 1} tensors) for {onnx_path}")
+
+
+@main.command("inspect")
+@click.argument("scales", type=click.Path(path_type=Path))
+@click.option("--method", help="Show only this method.")
+@click.option("--json", "as_json", is_flag=True, help="Print every target and amax as JSON.")
+@friendly_errors
+def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
+    """Show a scale file: targets, bits, grid and each method's amax.
+
+    \b
+    Example:
+      octavcal inspect sample_models/digits_cnn.scales.safetensors --method octav
+    """
+    table = load_scales(scales)
+    if method is not None and method not in table.methods:
+        table.require_method(method)
+    if as_json:
+        click.echo(json.dumps(scales_summary(table, scales, full=True, method=method), indent=2))
+    else:
+        render_scales(table, method)
