@@ -115,13 +115,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path | None] = (), wha
             raise OutputError(
                 f"{what} '{path}' is the input file '{given}'; writing it would destroy the input."
             )
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{what} '{path}' cannot be written: '{parent}' is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} '{path}' cannot be written: the folder '{parent}' is not writable.")
+    _check_folder_above(path, path.parent, what, "written")
     return path
 
 
@@ -130,14 +124,19 @@ def check_output_folder(path: str | Path, what: str = "Output folder") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} '{path}' is a file, not a folder.")
-    parent = path
+    _check_folder_above(path, path, what, "created")
+    return path
+
+
+def _check_folder_above(path: Path, start: Path, what: str, verb: str) -> None:
+    """The nearest existing folder at or above ``start`` must be a writable folder."""
+    parent = start
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder.")
+        raise OutputError(f"{what} '{path}' cannot be {verb}: '{parent}' is a file, not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{what} '{path}' cannot be written: the folder '{parent}' is not writable.")
-    return path
 
 
 def _same_file(a: Path, b: Path) -> bool:
