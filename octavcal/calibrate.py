@@ -6,11 +6,12 @@ with one batch, not with the number of batches. Weights are calibrated once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,6 +318,22 @@ def calibrate(
         "uncovered": uncovered,
     }
     return ScaleTable(dict(sorted(targets.items())), meta)
+
+
+def calibrate_each(
+    model: LoadedModel | nn.Module,
+    batches: Callable[[], Iterable[Any]],
+    config: CalibrationConfig,
+    bits: Iterable[int],
+    *,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> dict[int, ScaleTable]:
+    """``calibrate`` at each bit width, each over a fresh pass of ``batches()`` (for compare/evaluate)."""
+    return {
+        b: calibrate(model, batches(), dataclasses.replace(config, bits=b), seed=seed, progress=progress)
+        for b in bits
+    }
 
 
 def _discover(

@@ -8,7 +8,6 @@ Nothing per element is kept.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationConfig, calibrate, without_padding
+from .calibrate import CalibrationConfig, calibrate_each, without_padding
 from .collect import capture_activations
 from .core import LoadedModel, Progress, as_loaded
 from .coverage import check_targets
@@ -187,10 +186,7 @@ def compare(
             if first is not None:
                 check_targets(table, model, first)
     else:
-        tables = {}
-        for b in bits:
-            cfg = dataclasses.replace(config, bits=b)
-            tables[b] = calibrate(model, calib_batches(), cfg, seed=seed, progress=progress)
+        tables = calibrate_each(model, calib_batches, config, bits, seed=seed, progress=progress)
     evaluator = _Evaluator(tables, curve_points)
     counts = {"calib": 0, "heldout": 0}
     passes = [("calib", calib_batches)] + ([("heldout", heldout_batches)] if heldout_batches else [])

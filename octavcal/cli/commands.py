@@ -9,7 +9,7 @@ from typing import Any
 import click
 import torch
 
-from ..calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, parse_layer_bits
+from ..calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, calibrate_each, parse_layer_bits
 from ..compare import compare, summarize
 from ..data import batch_sources, load_heldout
 from ..errors import LoadError
@@ -317,11 +317,10 @@ def evaluate_command(
         calib, _ = batch_sources(
             str(calib_data), batch_size, calibration["num_batches"], 0, calibration["seed"], None, dev, None
         )
-        configs = [CalibrationConfig(bits=b, methods=tuple(method_list or DEFAULT_METHODS)) for b in bits]
+        config = CalibrationConfig(methods=tuple(method_list or DEFAULT_METHODS))
         with progress_bar(not show.tables) as progress:
-            tables = [
-                calibrate(loaded, calib(), c, seed=calibration["seed"], progress=progress) for c in configs
-            ]
+            each = calibrate_each(loaded, calib, config, bits, seed=calibration["seed"], progress=progress)
+        tables = list(each.values())
     order = torch.arange(held.num_samples).split(batch_size)
     with progress_bar(not show.tables) as progress:
         rows = evaluate(
