@@ -195,7 +195,9 @@ class _State:
         a cast): the weight and input are named after the module that runs it (``param`` '')."""
         module = self.stack[-1]
         k = self.positions.next(module, "input")
-        weight = self.deliver(Target(module, "weight", op, "weight", "", axis), args[wi].detach())
+        # Each call has its own weight (a module may compute a different one per call).
+        role = f"weight{k}" if k else "weight"
+        weight = self.deliver(Target(module, role, op, "weight", "", axis), args[wi].detach())
         if weight is not None:
             args = _replaced(args, wi, weight)
         target = Target(module, f"input{k}" if k else "input", op, "activation", "")

@@ -37,7 +37,7 @@ class SimulatedModel(nn.Module):
         if entry is None or not x.is_floating_point() or self.method not in entry.methods:
             return None
         if target.kind == "weight":
-            cached = self._weights.get(target.id)
+            cached = self._weights.get(target.id) if target.param else None  # computed weights change
             if cached is None or cached.device != x.device:
                 amax = entry.methods[self.method].amax.to(x.device)
                 cached = fake_quantize(

@@ -722,3 +722,27 @@ def test_calibration_on_cuda_matches_cpu():
     for tid, entry in cpu.targets.items():
         for method, result in entry.methods.items():
             torch.testing.assert_close(gpu.targets[tid].methods[method].amax, result.amax, rtol=1e-5, atol=0)
+
+
+class TwoComputedWeights(nn.Module):
+    """One module computing a different weight for each of its two linear calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.w * 2.0), self.w.t() * 0.5)
+
+
+def test_each_call_with_a_computed_weight_has_its_own_weight_target():
+    model = TwoComputedWeights()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    table = octavcal.calibrate(model, [x], CalibrationConfig(bits=8, methods=("max",)))
+    w = model.w.detach()
+    torch.testing.assert_close(table.targets["<root>:weight"].methods["max"].amax, (w * 2).abs().amax(1))
+    torch.testing.assert_close(
+        table.targets["<root>:weight1"].methods["max"].amax, (w.t() * 0.5).abs().amax(1)
+    )
+    (row,) = evaluate(model, [table], [x], ["max"])
+    assert row.sqnr_db > 35
