@@ -1,44 +1,19 @@
-"""octavcal: exact, fast clipping scalars (OCTAV, MSE sweep, percentiles, max) for quantization."""
+"""octavcal: exact, fast clipping scalars (OCTAV, MSE sweep, percentiles, max) for quantization.
 
-import os as _os
-import signal as _signal
+The public names are imported when first used (PEP 562), so that ``import octavcal`` and the command
+line's ``--help`` do not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
 import sys as _sys
-import threading as _threading
+import types as _types
+from typing import TYPE_CHECKING
 
+from ._version import __version__
 
-def _on_command_line() -> bool:
-    return _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("octavcal", "__main__.py", "-m")
-
-
-def _interrupted_at_start_up() -> None:
-    """Ctrl-C while the command line is still importing torch: one line and exit 130, no traceback."""
-    if _on_command_line():
-        _sys.stderr.write("Interrupted; no output was written.\n")
-        raise SystemExit(130)
-
-
-class _StartUpInterrupts:
-    """On the command line, remember a Ctrl-C during the imports: a third-party import it interrupts
-    can fail later with another error (a half-initialized module), which is then the interrupt too."""
-
-    def __init__(self) -> None:
-        self.seen = False
-        self.previous = None
-        if _on_command_line() and _threading.current_thread() is _threading.main_thread():
-            self.previous = _signal.signal(_signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.seen = True
-        raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            _signal.signal(_signal.SIGINT, self.previous)
-
-
-_start_up = _StartUpInterrupts()
-try:
-    from ._version import __version__
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from .calibrate import CalibrationConfig, calibrate
     from .compare import compare
     from .core import Batch
@@ -69,12 +44,68 @@ try:
     )
     from .scales import ScaleTable, load_scales, save_scales
     from .simulate import apply_scales
-except BaseException as _error:
-    if isinstance(_error, KeyboardInterrupt) or _start_up.seen:
-        _interrupted_at_start_up()
-    raise
-finally:
-    _start_up.restore()
+
+# module -> the public names it gives (the same as the imports above; a test checks that they agree)
+_EXPORTS = {
+    ".calibrate": ("CalibrationConfig", "calibrate"),
+    ".compare": ("compare",),
+    ".core": ("Batch",),
+    ".data": ("load_data",),
+    ".errors": (
+        "CalibrationError",
+        "DataError",
+        "LoadError",
+        "OctavcalError",
+        "OctavcalWarning",
+        "ScaleFileError",
+        "SpecError",
+    ),
+    ".evaluate": ("evaluate",),
+    ".grid": ("Grid", "fake_quantize", "quant_mse", "scale_from_amax"),
+    ".loading": ("load_model",),
+    ".methods": (
+        "Method",
+        "OctavResult",
+        "analytic_mse",
+        "compute_amax",
+        "max_scaling",
+        "mse_sweep",
+        "octav",
+        "parse_method",
+        "parse_methods",
+        "percentile",
+    ),
+    ".scales": ("ScaleTable", "load_scales", "save_scales"),
+    ".simulate": ("apply_scales",),
+}
+_SOURCES = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(source, __name__), name)
+    globals()[name] = value  # later look-ups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    """Importing a submodule binds it on its package: ``octavcal.calibrate`` would become the module
+    once anything imported ``octavcal.calibrate``. The public name is the function (as it was when
+    this file imported everything), so a submodule never replaces a public name here."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        submodule = isinstance(value, _types.ModuleType) and value.__name__ == f"{__name__}.{name}"
+        if not (submodule and name in _SOURCES):
+            super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Batch",

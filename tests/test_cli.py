@@ -1,5 +1,6 @@
 """The command line: exit codes, exact error lines, no output file on failure."""
 
+import importlib
 import json
 
 import pytest
@@ -144,12 +145,12 @@ def test_data_with_nan_names_the_layer(tmp_path, cnn_paths):
 
 def test_interrupted_run_leaves_no_file(tmp_path, cnn_paths, monkeypatch):
     out = tmp_path / "o.safetensors"
-    import octavcal.cli.commands as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "calibrate", interrupted)
+    # the command imports calibrate when it runs (octavcal.calibrate, the attribute, is the function)
+    monkeypatch.setattr(importlib.import_module("octavcal.calibrate"), "calibrate", interrupted)
     result = run(*cnn_args(cnn_paths, out))
     assert result.exit_code == 130 and "Interrupted; no output was written." in result.stderr
     assert not out.exists()

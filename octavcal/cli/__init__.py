@@ -1,12 +1,14 @@
-"""The command line: a thin layer that parses options, calls one library function, and renders."""
+"""The command line: a thin layer that parses options, calls one library function, and renders.
 
-from .. import _interrupted_at_start_up
+Importing it and ``--help`` import neither torch nor numpy nor rich: each command imports what it
+uses when it runs.
+"""
 
-try:  # Ctrl-C while the commands' modules are still importing: one line, exit 130
-    from . import commands, runtimes  # noqa: F401  (they register their commands on ``main``)
-    from .base import main
-except KeyboardInterrupt:
-    _interrupted_at_start_up()
-    raise
+from .interrupts import guard_start_up
+
+guard_start_up()  # before the imports below, which a Ctrl-C may interrupt
+
+from . import commands, runtimes  # noqa: E402, F401  (they register their commands on ``main``)
+from .base import main  # noqa: E402
 
 __all__ = ["main"]

@@ -17,21 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _interrupted_at_start_up
+import click
 
-try:  # Ctrl-C while the command line is still importing: one line, exit 130
-    import click
-    import torch
-
-    from .._version import __version__
-    from ..errors import OctavcalError, OctavcalWarning, SpecError
-    from ..files import output_set
-    from ..grid import check_bits
-    from ..loading import load_model
-except KeyboardInterrupt:
-    _interrupted_at_start_up()
-    raise
-
+from .._version import __version__
+from ..errors import OctavcalError, OctavcalWarning, SpecError
+from ..files import output_set
+from .interrupts import MESSAGE, command_running
 
 # Library messages name library arguments; the command line names its options instead.
 _OPTION_NAMES = {
@@ -62,7 +53,7 @@ def _intended(filename: str) -> str:
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into 'Error: ...' (exit 1) and Ctrl-C into exit 130, never a traceback
     (unless --traceback or OCTAVCAL_TRACEBACK=1). A command's output files appear all together, and
-    none of them when it fails."""
+    none of them when it fails. Commands import torch inside, so its import is covered too."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -70,7 +61,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Warning: {message}", err=True)
 
         try:
-            with warnings.catch_warnings(), output_set():  # the caller's warning settings come back after
+            # Ctrl-C in torch's import is an interrupt too; the caller's warning settings come back after
+            with command_running(), warnings.catch_warnings(), output_set():
                 warnings.showwarning = show_warning
                 warnings.simplefilter("always", OctavcalWarning)
                 return fn(*args, **kwargs)
@@ -84,7 +76,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Error: Cannot use{where}: {exc.strerror or exc}.", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("Interrupted; no output was written.", err=True)
+            click.echo(MESSAGE, err=True)
             sys.exit(130)
 
     return wrapper
@@ -96,6 +88,8 @@ def _traceback() -> None:
 
 
 def resolve_device(device: str | None) -> str:
+    import torch
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not device.startswith("cuda"):
@@ -113,6 +107,8 @@ def parse_bits_list(text: str) -> list[int]:
         bits = []
     if not bits:
         raise click.BadParameter(f"expected bit widths like 4 or 4,5,6: got {text!r}", param_hint="--bits")
+    from ..grid import check_bits
+
     for b in bits:
         check_bits(b)  # all of them before any calibration work
     return bits
@@ -127,12 +123,16 @@ HF_CLASS_HELP = (
 )
 
 SEED = click.IntRange(0, 2**63 - 1)  # what a torch.Generator takes
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # names of torch dtypes: --help needs no torch
+
+
+def torch_dtype(name: str | None) -> Any:
+    """'float16' -> torch.float16; None stays None."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,14 @@ class ModelSource:
     hf_class: str | None
 
     def load(self, device: str = "cpu", dtype: str | None = None) -> Any:
+        from ..loading import load_model
+
         return load_model(
             self.path,
             arch=self.arch,
             allow_pickle=self.allow_pickle,
             device=device,
-            dtype=DTYPES[dtype] if dtype else None,
+            dtype=torch_dtype(dtype),
             hf_class=self.hf_class,
         )
 

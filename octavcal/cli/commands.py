@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from ..calibrate import DEFAULT_METHODS, CalibrationConfig, calibrate, calibrate_each, parse_layer_bits
-from ..compare import compare, summarize
-from ..data import batch_sources, load_heldout
+from ..defaults import DEFAULT_METHODS
 from ..errors import LoadError
-from ..evaluate import evaluate
 from ..files import check_output, check_output_folder
-from ..render import (
-    console,
-    progress_bar,
-    render_calibration,
-    render_comparison,
-    render_evaluation,
-    scales_summary,
-)
-from ..report import write_evaluation, write_report
-from ..scales import check_fingerprint, load_scales, save_scales
 from .base import (
     DEVICE_HELP,
     DTYPES,
@@ -37,7 +23,13 @@ from .base import (
     model_options,
     parse_bits_list,
     resolve_device,
+    torch_dtype,
 )
+
+if TYPE_CHECKING:
+    from ..calibrate import CalibrationConfig
+
+# torch, numpy and rich are imported inside the commands, when they run: not for --help.
 
 
 @main.command("calibrate")
@@ -73,7 +65,7 @@ from .base import (
     "-o", "--output", type=click.Path(path_type=Path), help="Scale file [default: MODEL.scales.safetensors]."
 )
 @click.option("--device", help=DEVICE_HELP)
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Run the model in this dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Run the model in this dtype.")
 @click.option(
     "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
 )
@@ -102,14 +94,17 @@ def calibrate_command(
           --arch sample_models.digits_cnn:build \\
           --data sample_models/digits_cnn.calib.safetensors --bits 4
     """
+    from ..calibrate import calibrate
+    from ..data import batch_sources
+    from ..render import progress_bar, render_calibration, scales_summary
+    from ..scales import save_scales
+
     config = _calibration_config(**options)
     model = source.path
     output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
     dev = resolve_device(device)
     loaded = source.load(dev, dtype)
-    calib, _ = batch_sources(
-        data, batch_size, num_batches, 0, seed, None, dev, DTYPES[dtype] if dtype else None
-    )
+    calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
     with progress_bar(not show.tables) as progress:
         table = calibrate(loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches)
     if loaded.note:
@@ -132,6 +127,8 @@ def _calibration_config(
     strict: bool,
 ) -> CalibrationConfig:
     """calibrate's options as a validated CalibrationConfig (before any file is read)."""
+    from ..calibrate import CalibrationConfig, parse_layer_bits
+
     config = CalibrationConfig(
         bits=bits,
         methods=tuple(methods.split(",")),
@@ -198,6 +195,12 @@ def compare_command(
           --data sample_models/digits_transformer.calib.safetensors \\
           --methods octav,sweep,p99.99 --bits 4,8 --out report
     """
+    from ..compare import compare, summarize
+    from ..data import batch_sources
+    from ..render import console, progress_bar, render_comparison
+    from ..report import write_report
+    from ..scales import check_fingerprint, load_scales
+
     config, bits = _comparison_config(curve_points=curve_points, **options)
     check_output_folder(out)
     dev = resolve_device(device)
@@ -234,6 +237,8 @@ def _comparison_config(
     methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int
 ) -> tuple[CalibrationConfig, list[int]]:
     """compare's options as a validated CalibrationConfig and its bit widths (before any file is read)."""
+    from ..calibrate import CalibrationConfig
+
     bits = parse_bits_list(bits_list)
     if curve_points < 2:
         raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
@@ -296,6 +301,15 @@ def evaluate_command(
           --data sample_models/digits_cnn.heldout.safetensors \\
           --calib-data sample_models/digits_cnn.calib.safetensors --bits 4,6,8
     """
+    import torch
+
+    from ..calibrate import CalibrationConfig, calibrate_each
+    from ..data import batch_sources, load_heldout
+    from ..evaluate import evaluate
+    from ..render import progress_bar, render_evaluation
+    from ..report import write_evaluation
+    from ..scales import check_fingerprint, load_scales
+
     if out is not None:
         check_output_folder(out)
     if batch_size < 1:

@@ -9,12 +9,11 @@ from typing import Any
 
 import click
 
-from ..data import first_batch
 from ..errors import OctavcalError
 from ..files import atomic_write, check_output
-from ..render import render_scales, scales_summary
-from ..scales import check_fingerprint, load_scales
 from .base import ModelSource, friendly_errors, main, model_options
+
+# torch and rich are imported inside the commands, when they run: not for --help.
 
 
 @main.group("export")
@@ -61,7 +60,9 @@ def export_onnx_command(
           --scales sample_models/digits_cnn.scales.safetensors \\
           --data sample_models/digits_cnn.calib.safetensors -o cnn.qdq.onnx
     """
+    from ..data import first_batch
     from ..export.onnx import export_qdq, ort_overrides
+    from ..scales import check_fingerprint, load_scales
 
     overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
     for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
@@ -99,8 +100,10 @@ def export_trt_command(
       octavcal export trt-cache sample_models/digits_cnn.safetensors --arch sample_models.digits_cnn:build \\
           --scales cnn8.scales.safetensors --data sample_models/digits_cnn.calib.safetensors -o cnn.cache
     """
+    from ..data import first_batch
     from ..export.onnx import export_float
     from ..export.tensorrt import calibration_cache
+    from ..scales import check_fingerprint, load_scales
 
     onnx_path = onnx_path or output.with_suffix(".onnx")
     if onnx_path.resolve() == output.resolve():
@@ -137,6 +140,9 @@ def inspect_command(scales: Path, method: str | None, as_json: bool) -> None:
     Example:
       octavcal inspect sample_models/digits_cnn.scales.safetensors --method octav
     """
+    from ..render import render_scales, scales_summary
+    from ..scales import load_scales
+
     table = load_scales(scales)
     if method is not None and method not in table.methods:
         table.require_method(method)
