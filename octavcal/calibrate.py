@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -19,18 +18,18 @@ import torch
 from torch import nn
 
 from .bitrules import BitRules
+from .candidates import activation_candidates, candidates_for, extremes_of, statistics_threads
 from .collect import capture_activations
 from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import STRICT_CATEGORIES, coverage, targets_fingerprint
 from .data import batches_of
+from .defaults import DEFAULT_METHODS
 from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .graphs import weight_targets
-from .grid import CONVENTIONS, Grid, check_bits
-from .methods import Method, compute_amax, parse_methods
+from .grid import CONVENTIONS, check_bits
+from .methods import Method, parse_methods
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 from .target import Target
-
-DEFAULT_METHODS = ("octav", "sweep", "p99.9", "p99.99", "p99.999", "max")
 
 
 @dataclass(frozen=True)
@@ -82,30 +81,21 @@ def parse_layer_bits(spec: str) -> tuple[str, int | None]:
         ) from exc
 
 
-def candidates_for(
-    x: torch.Tensor, methods: list[Method], bits: int, *, signed: bool, axis: int | None, convention: str
-) -> dict[str, tuple[torch.Tensor, float]]:
-    """Every method's amax for one tensor, with the seconds each took (Appendix F's timer).
-
-    An amax is at least the smallest normal float32 times qmax, so that its scale is a normal float
-    (the scale file's rule); only a channel of (near) zeros meets that floor, and it quantizes to
-    zeros either way."""
-    floor = torch.finfo(torch.float32).tiny * Grid(bits, signed, convention).qmax  # type: ignore[arg-type]
-    out = {}
-    for method in methods:
-        start = time.perf_counter()
-        amax = compute_amax(x, method, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[arg-type]
-        if amax.is_cuda:
-            torch.cuda.synchronize(amax.device)
-        amax = amax.detach().to("cpu", torch.float32).clamp_min(floor)
-        out[method.name] = (amax, time.perf_counter() - start)
-    return out
+_warmed_up: set[tuple[str, ...]] = set()
 
 
 def _warm_up(methods: list[Method], config: CalibrationConfig) -> None:
-    """Run every method once on a small tensor so that per-tensor times exclude first-call costs."""
-    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
-    candidates_for(x, methods, config.bits, signed=True, axis=None, convention=config.convention)
+    """Run every method once per process on a small tensor, so that per-tensor times exclude
+    first-call costs (loading kernels, allocating scratch buffers)."""
+    key = tuple(m.name for m in methods)
+    if key in _warmed_up:
+        return
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
+    activation_candidates(x, extremes_of(x), methods, config.bits, config.convention, unsigned=True)
+    candidates_for(
+        x.reshape(256, -1), methods, config.bits, signed=True, axis=0, convention=config.convention
+    )
+    _warmed_up.add(key)
 
 
 @dataclass
@@ -130,6 +120,7 @@ class _Calibrator:
         self.batch_index = 0
         self.batches_seen = 0
         self.mask: torch.Tensor | None = None
+        self.met: list[Target] = []  # every target the first batch met, in call order
         # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
 
@@ -142,6 +133,12 @@ class _Calibrator:
         self.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
+        if self.batch_index == 0:
+            self.met.append(target)
+        with statistics_threads(tensor.device):
+            self._take(target, tensor)
+
+    def _take(self, target: Target, tensor: torch.Tensor) -> None:
         bits = self.bits_for(target)
         if bits is None:
             self.skipped.add(target.id)
@@ -165,22 +162,18 @@ class _Calibrator:
             x, masked = without_padding(tensor.detach(), self.mask)
             if x.numel() == 0:
                 return
-            bad = (~torch.isfinite(x)).sum().item() if not bool(torch.isfinite(x.abs().amax())) else 0
-            if bad:
+            extremes = extremes_of(x)
+            if not extremes.finite:
+                bad = int((~torch.isfinite(x)).sum())
                 raise DataError(
                     f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
                     f"{self.batch_index} ({bad} of {x.numel()} values)."
                 )
-            nonnegative = bool(x.min() >= 0)
-            results = {
-                "signed": candidates_for(
-                    x, self.methods, bits, signed=True, axis=None, convention=self.config.convention
-                )
-            }
-            if nonnegative and acc.nonnegative:  # unsigned stays possible: keep its candidates too
-                results["unsigned"] = candidates_for(
-                    x, self.methods, bits, signed=False, axis=None, convention=self.config.convention
-                )
+            nonnegative = extremes.nonnegative
+            # Unsigned stays possible while every batch was non-negative: keep its candidates too.
+            results = activation_candidates(
+                x, extremes, self.methods, bits, self.config.convention, unsigned=acc.nonnegative
+            )
             self.seen[key] = (
                 weakref.ref(tensor),
                 target.id,
@@ -230,14 +223,16 @@ def without_padding(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.T
     """
     if mask is None or x.dim() not in (2, 3) or tuple(x.shape[:2]) != tuple(mask.shape):
         return x, False
-    return x[mask.to(x.device)], True
+    # x[mask], in the same order: a boolean index costs 20x an index_select on CPU (measured here)
+    valid = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, valid), True
 
 
 def weight_scales(
     target: Target, weight: torch.Tensor, bits: int, methods: list[Method], config: CalibrationConfig
 ) -> TargetScales:
     """Every method's amax of one weight, per output channel (``target.axis``) unless per tensor."""
-    if not bool(torch.isfinite(weight).all()):
+    if not extremes_of(weight).finite:
         bad = int((~torch.isfinite(weight)).sum())
         raise DataError(
             f"Weight '{target.id}' (Parameter '{target.param}') contains NaN or Inf ({bad} of "
@@ -284,9 +279,18 @@ def calibrate(
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
     _warm_up(methods, config)
-    found, uncovered, tied = _discover(loaded, first, config)
     fixed_weights = weight_targets(loaded.module)  # TorchScript and exported graphs: their weights by layer
-    rules = config.bit_rules().with_layer_order(found or [t for t, _, _ in fixed_weights])
+    rules = config.bit_rules()
+    found: list[Target] = []
+    uncovered: list[dict[str, Any]] = []
+    tied: dict[str, list[str]] = {}
+    discover_first = rules.first_last_bits is not None and first is not None
+    if discover_first and first is not None:
+        # The first/last-layer rule needs the call order before any batch is calibrated: one extra
+        # forward pass, paid only with that rule.
+        found, uncovered, tied = _discover(loaded, first)
+        _review(found, uncovered, config)
+    rules = rules.with_layer_order(found or [t for t, _, _ in fixed_weights])
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
     calibrator = _Calibrator(config, methods, rules)
@@ -296,6 +300,9 @@ def calibrate(
                 calibrator.batch_index = i
                 calibrator.start_batch(batch)
                 run(batch)
+                if i == 0 and not discover_first:  # the first pass also finds the targets, in order
+                    found, uncovered, tied = calibrator.met, coverage(loaded.module, run), run.tied
+                    _review(found, uncovered, config)
                 calibrator.batches_seen = i + 1
                 if progress:
                     progress("batches", i + 1, total_batches)
@@ -308,7 +315,8 @@ def calibrate(
         if bits is None:
             calibrator.skipped.add(target.id)
             continue
-        targets[target.id] = weight_scales(target, weight, bits, methods, config)
+        with statistics_threads(weight.device):
+            targets[target.id] = weight_scales(target, weight, bits, methods, config)
         if progress:
             progress("weights", i + 1, len(fixed_weights))
     for pattern in rules.unmatched_patterns([*calibrator.acc, *calibrator.skipped, *targets]):
@@ -337,17 +345,19 @@ def calibrate_each(
 
 
 def _discover(
-    loaded: LoadedModel, first: Batch | None, config: CalibrationConfig
+    loaded: LoadedModel, first: Batch
 ) -> tuple[list[Target], list[dict[str, Any]], dict[str, list[str]]]:
-    """A pass over the first batch: the targets in call order (for the first/last-layer rule), the
-    weights no target calibrates, the tied ones. It fails early, naming the layer, when the data does
-    not fit the model, and refuses uncovered weight-bearing ops in strict mode."""
+    """A pass over the first batch: the targets in call order, the weights no target calibrates, the
+    tied ones."""
     found: list[Target] = []
-    if first is None:
-        return found, [], {}
     with capture_activations(loaded, lambda t, _: found.append(t)) as capture:
         capture(first)
-    uncovered = coverage(loaded.module, capture)
+    return found, coverage(loaded.module, capture), capture.tied
+
+
+def _review(found: list[Target], uncovered: list[dict[str, Any]], config: CalibrationConfig) -> None:
+    """After the first batch: refuse a model with nothing to calibrate, and in strict mode one with
+    uncovered weight-bearing ops; warn that sdpa hides a product."""
     if not found:
         raise CalibrationError("The model ran, but no linear, convolution or matrix multiplication was seen.")
     refused = [u for u in uncovered if u["category"] in STRICT_CATEGORIES]
@@ -365,7 +375,6 @@ def _discover(
             OctavcalWarning,
             stacklevel=3,
         )
-    return found, uncovered, capture.tied
 
 
 def _metadata(

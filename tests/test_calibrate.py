@@ -69,6 +69,52 @@ def test_octav_scalar_is_the_mean_of_core_octav_over_batches(cnn_paths):
     )
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_method_per_batch_equals_the_public_function_on_that_input(cnn_paths, bits):
+    """calibrate shares work between methods (one sort for the sweep and percentiles, the unsigned
+    grid reusing the signed one's): every per-batch candidate still equals the public method called
+    on its own on the tensor an independent hook saw."""
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    batches = batches_of(cnn_paths, count=3, batch_size=64)
+    table = calibrate(loaded, batches, CalibrationConfig(bits=bits))
+    reference = {
+        "octav": lambda x, s: octavcal.octav(x, bits, signed=s),
+        "sweep": lambda x, s: octavcal.mse_sweep(x, bits, signed=s),
+        "max": lambda x, s: octavcal.max_scaling(x, signed=s),
+        **{f"p{q}": lambda x, s, q=q: octavcal.percentile(x, q) for q in (99.9, 99.99, 99.999)},
+    }
+    unsigned_seen = False
+    for name, xs in record_layer_inputs(loaded.module, batches).items():
+        entry = table.targets[f"{name}:input"]
+        unsigned_seen |= not entry.signed
+        for method, fn in reference.items():
+            ref = torch.stack([fn(x, entry.signed) for x in xs]).float()
+            torch.testing.assert_close(
+                entry.methods[method].per_batch, ref, rtol=0, atol=0, msg=f"{name} {method}"
+            )
+    assert unsigned_seen  # the ReLU outputs took the unsigned grid
+
+
+def test_one_forward_pass_per_batch(cnn_paths):
+    """The targets are found during the first batch's own pass: N batches cost N forward passes
+    (N + 1 only with the first/last-layer rule, which needs the call order before calibrating)."""
+    loaded = load_model(cnn_paths["model"], arch=cnn_paths["arch"])
+    calls = []
+    handle = loaded.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        calibrate(loaded, batches_of(cnn_paths, count=3), CalibrationConfig(bits=4, methods=("octav",)))
+        assert len(calls) == 3
+        calls.clear()
+        calibrate(
+            loaded,
+            batches_of(cnn_paths, count=3),
+            CalibrationConfig(bits=4, methods=("octav",), first_last_bits=8),
+        )
+        assert len(calls) == 4
+    finally:
+        handle.remove()
+
+
 def test_transformer_finds_every_matmul_operand_and_masks_padding(transformer_paths):
     loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
     batches = batches_of(transformer_paths, count=3)

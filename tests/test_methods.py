@@ -251,3 +251,51 @@ def test_math_modules_import_no_cli_libraries():
     code = "import sys, octavcal.methods; print(sorted(m for m in ('click', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the sweep from a sort
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+@pytest.mark.parametrize("data", ["normal", "relu", "softmax", "ties"])
+def test_sorted_sweep_of_a_long_float32_row_equals_a_float64_loop(bits, data):
+    """One long float32 row is swept from its sort (prefix sums in float64): every candidate's MSE
+    equals a float64 quantize-and-measure loop, closer than float32 blocks could."""
+    from octavcal.methods import sweeps_by_sorting
+
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(420_000 if bits == 12 else 60_000, generator=gen)
+    x = {
+        "normal": x,
+        "relu": x.relu(),
+        "softmax": torch.softmax(3 * x.reshape(-1, 100), -1).reshape(-1),
+        "ties": (4 * x).round() / 4,  # many values on the grid's midpoints
+    }[data]
+    signed = data in ("normal", "ties")
+    qmax = Grid(bits, signed).qmax
+    assert sweeps_by_sorting(x.reshape(1, -1), qmax)
+    ref_s, ref_mse = numpy_sweep_reference(x.double().numpy(), qmax, 100, signed)
+    amax, _, mse = mse_sweep(x, bits, signed=signed, return_curve=True)
+    np.testing.assert_allclose(mse[:, 0].numpy(), ref_mse, rtol=1e-9 if bits <= 8 else 1e-6)
+    assert amax.item() == pytest.approx(ref_s, rel=1e-6)
+
+
+def test_percentiles_from_a_shared_tail_equal_a_float64_sort():
+    """top_magnitudes keeps the values above a subsample's threshold: exact even when the tail is
+    one repeated value or when the subsample misses a cluster of outliers."""
+    from octavcal.methods import percentile_of_rows, top_magnitudes
+
+    gen = torch.Generator().manual_seed(5)
+    bulk = torch.randn(400_000, generator=gen)
+    clustered = bulk.clone()
+    clustered[1::7][:300] = 50.0  # stride 7 is not the subsample's: it may see none of them
+    tied = torch.full((300_000,), 2.0)
+    tied[::1000] = 3.0
+    for x in (bulk, clustered, tied):
+        a = x.abs()[None]
+        tail = top_magnitudes(a, 500)
+        ref = np.sort(np.abs(x.double().numpy()))[::-1][:500]
+        np.testing.assert_array_equal(tail[0].double().numpy(), ref)
+        for q in (99.9, 99.99, 99.999):
+            got = percentile_of_rows(a, q, tail=tail).item()
+            assert got == pytest.approx(np.percentile(np.abs(x.double().numpy()), q), rel=1e-12)

@@ -1,0 +1,189 @@
+"""Every method's candidate for one tensor, the work the methods have in common done once.
+
+An activation is read once for its extremes (finite? non-negative? its max), once for |x| when it has
+negative values, and at most once more for what the sweep and the percentiles share: the sort of a
+long row, or the largest values. The unsigned grid of non-negative data reuses all of it; only OCTAV
+and the sweep's errors depend on the grid. The results equal the public methods' (``octav``,
+``mse_sweep``, ``percentile``, ``max_scaling``) on the same tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+import numpy as np
+import torch
+
+from .grid import Convention, Grid, rows_from
+from .methods import (
+    Method,
+    compute_amax,
+    percentile_of_rows,
+    sorted_magnitudes,
+    sweep_rows,
+    sweeps_by_sorting,
+    tail_length,
+    top_magnitudes,
+)
+from .octav import octav
+from .slices import amax_from_rows
+
+T = TypeVar("T")
+
+# method name -> (amax on the CPU in float32, seconds of work done for it)
+Candidates = dict[str, tuple[torch.Tensor, float]]
+
+
+@contextmanager
+def statistics_threads(device: torch.device) -> Iterator[None]:
+    """Compute statistics on half of torch's CPU threads (at least one).
+
+    They are memory-bound passes: half the threads read about as fast, and when other processes
+    compete for the cores, every parallel region waits for its slowest thread. Measured on this
+    2-core machine under load: 2 threads took a median 24 ms for a 3M-value max and min, one 0.6 ms.
+    """
+    threads = torch.get_num_threads()
+    wanted = max(1, threads // 2)
+    if device.type != "cpu" or wanted == threads:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def amax_floor(bits: int, signed: bool, convention: str) -> float:
+    """The smallest amax whose scale is a normal float32 (the scale file's rule): only a channel of
+    (near) zeros meets it, and it quantizes to zeros either way."""
+    return torch.finfo(torch.float32).tiny * Grid(bits, signed, convention).qmax  # type: ignore[arg-type]
+
+
+def _finished(amax: torch.Tensor, floor: float) -> torch.Tensor:
+    if amax.is_cuda:
+        torch.cuda.synchronize(amax.device)
+    return amax.detach().to("cpu", torch.float32).clamp_min(floor)
+
+
+def candidates_for(
+    x: torch.Tensor, methods: list[Method], bits: int, *, signed: bool, axis: int | None, convention: str
+) -> Candidates:
+    """Every method's amax for one tensor (a weight: per channel along ``axis``), each computed on its
+    own, with the seconds each took (Appendix F's timer)."""
+    floor = amax_floor(bits, signed, convention)
+    out = {}
+    for method in methods:
+        start = time.perf_counter()
+        amax = compute_amax(x, method, bits, signed=signed, axis=axis, convention=convention)  # type: ignore[arg-type]
+        out[method.name] = (_finished(amax, floor), time.perf_counter() - start)
+    return out
+
+
+@dataclass
+class Extremes:
+    """One pass over an activation: its smallest and largest value."""
+
+    low: float
+    high: float
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.low) and np.isfinite(self.high))
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.low >= 0
+
+
+def extremes_of(x: torch.Tensor) -> Extremes:
+    """NaN anywhere makes both NaN. Two reductions: on CPU they cost a tenth of one ``aminmax``."""
+    x = x.detach()
+    return Extremes(float(x.amin()), float(x.amax()))
+
+
+@dataclass
+class _Clock:
+    """Seconds per method; work several methods share is split evenly among them."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def charge(self, names: list[str], seconds: float) -> None:
+        for name in names:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds / max(len(names), 1)
+
+    def timed(self, names: list[str], fn: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        out = fn()
+        self.charge(names, time.perf_counter() - start)
+        return out
+
+
+def activation_candidates(
+    x: torch.Tensor, extremes: Extremes, methods: list[Method], bits: int, convention: str, *, unsigned: bool
+) -> dict[str, Candidates]:
+    """Every method's per-tensor amax of one finite activation on the signed grid, and with
+    ``unsigned`` (only for non-negative data) on the unsigned grid too: {'signed': ..., 'unsigned': ...}.
+
+    ``extremes``: ``extremes_of(x)``, which the caller has already read (to check the values).
+    """
+    clock = _Clock()
+    names = [m.name for m in methods]
+    start = time.perf_counter()
+    rows = rows_from(x.detach(), None)  # (1, n), float32 unless float64
+    mags = rows if extremes.nonnegative else rows.abs()
+    smax = max(extremes.high, -extremes.low)
+    smax_t = torch.tensor([smax], dtype=torch.float64)
+    clock.charge(names, time.perf_counter() - start)
+
+    grids = [True, False] if unsigned and extremes.nonnegative else [True]
+    qmaxes = {g: Grid(bits, g, convention).qmax for g in grids}  # type: ignore[arg-type]
+    sweep = [m.name for m in methods if m.kind == "sweep"]
+    pcts = [m for m in methods if m.kind == "percentile"]
+    ordered = None
+    if sweep and any(sweeps_by_sorting(mags, q) for q in qmaxes.values()):
+        ordered = clock.timed(sweep + [m.name for m in pcts], lambda: sorted_magnitudes(mags))
+    tail = None
+    n = mags.shape[1]
+    tails = [m for m in pcts if ordered is None and tail_length(m.q or 0.0, n) <= max(64, n // 8)]
+    if tails:
+        count = max(tail_length(m.q or 0.0, n) for m in tails)
+        tail = clock.timed([m.name for m in tails], lambda: top_magnitudes(mags, count))
+
+    # Grid-free methods: the same amax on both grids.
+    free: dict[str, torch.Tensor] = {}
+    for m in methods:
+        start = time.perf_counter()
+        if m.kind == "max":
+            value = smax_t
+        elif m.kind == "percentile":
+            assert m.q is not None  # a parsed percentile always has q
+            value = percentile_of_rows(mags, m.q, tail if m in tails else None, ordered)
+        else:
+            continue
+        free[m.name] = amax_from_rows(value, smax_t, None, x)
+        clock.charge([m.name], time.perf_counter() - start)
+
+    out: dict[str, Candidates] = {}
+    for signed in grids:
+        floor = amax_floor(bits, signed, convention)
+        result: Candidates = {}
+        for m in methods:
+            shared = clock.seconds[m.name] if signed else 0.0  # paid once, with the signed grid
+            if m.name in free:
+                result[m.name] = (_finished(free[m.name], floor), shared)
+                continue
+            start = time.perf_counter()
+            if m.kind == "octav":
+                amax = octav(rows, bits, signed=signed, convention=cast(Convention, convention))
+            else:
+                qmax = qmaxes[signed]
+                use = ordered if ordered is not None and sweeps_by_sorting(mags, qmax) else None
+                amax = amax_from_rows(sweep_rows(mags, smax_t, qmax, ordered=use)[0], smax_t, None, x)
+            result[m.name] = (_finished(amax, floor), time.perf_counter() - start + shared)
+        out["signed" if signed else "unsigned"] = result
+    return out
