@@ -40,18 +40,18 @@ Candidates = dict[str, tuple[torch.Tensor, float]]
 
 @contextmanager
 def statistics_threads(device: torch.device) -> Iterator[None]:
-    """Compute statistics on half of torch's CPU threads (at least one).
+    """Compute statistics on one CPU thread.
 
-    They are memory-bound passes: half the threads read about as fast, and when other processes
-    compete for the cores, every parallel region waits for its slowest thread. Measured on this
-    2-core machine under load: 2 threads took a median 24 ms for a 3M-value max and min, one 0.6 ms.
+    They are memory-bound passes that one thread reads nearly as fast as two, and their float sums
+    then do not depend on the thread count: a run gives the same bytes with any ``torch`` thread
+    setting or number of processes. Under contention it matters most: on this 2-core machine under
+    load, two threads took a median 24 ms for a 3M-value max and min, one 0.6 ms.
     """
     threads = torch.get_num_threads()
-    wanted = max(1, threads // 2)
-    if device.type != "cpu" or wanted == threads:
+    if device.type != "cpu" or threads == 1:
         yield
         return
-    torch.set_num_threads(wanted)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
