@@ -418,3 +418,73 @@ def test_octav_literal_iterations_match_a_float64_loop_at_16_bits():
 def test_octav_refuses_a_bad_numeric_init(init):
     with pytest.raises(SpecError, match="init must be a finite number"):
         octav(torch.randn(100_000), 8, init=init)
+
+
+# ------------------------------------------------------------------ the one-pass tail (CPU)
+
+
+def _reference_rows(x: torch.Tensor, bits: int, signed: bool) -> list[float]:
+    c = Grid(bits, signed).noise_coefficient
+    mags = (x.abs() if signed else x.clamp(min=0)).double().numpy().reshape(x.shape[0], -1)
+    return [fixed_point_by_bisection(row, c) if row.any() else 1.0 for row in mags]
+
+
+@pytest.mark.parametrize("blocks", ["one block", "many blocks"])
+def test_one_pass_tail_on_mixed_channels_and_long_rows(monkeypatch, blocks):
+    """Channels of different shapes (several land below the floor their pooled subsample gives them
+    and are finished apart), a long row, zeros and ties, in one block or in many small ones (rows
+    split across blocks, as for tensors larger than the scratch memory)."""
+    if blocks == "many blocks":
+        kernels = sys.modules["octavcal._octav_kernels"]
+        monkeypatch.setattr(kernels, "_BLOCK", 1 << 12)
+        monkeypatch.setattr(kernels, "_HOST_BLOCK", 1 << 11)
+    gen = np.random.default_rng(60)
+    w = gen.standard_normal((96, 700)) * gen.uniform(0.1, 3, (96, 1))
+    w[::5] = gen.standard_t(2, (20, 700))  # heavy tails: roots far above the pooled guess
+    w[1::7] = np.round(w[1::7] * 2) / 2  # point masses
+    w[2, :600] = 0.0
+    x = torch.from_numpy(w.astype(np.float32))
+    for signed in (True, False):
+        got = octav(x, 4, signed=signed, axis=0, return_iterations=True)
+        assert got.iterations.tolist() == [1] * 96
+        ref = _reference_rows(x, 4, signed)
+        for r in range(96):
+            assert got.amax[r].item() == pytest.approx(ref[r], rel=1e-6), (signed, r)
+    wide = torch.from_numpy(gen.standard_normal((96, 900)).astype(np.float32))
+    wide[:, :700] = x  # strided rows, read in place
+    assert torch.equal(octav(wide[:, :700], 4, axis=0), octav(x, 4, axis=0))
+    row = torch.from_numpy(gen.laplace(size=50_000).astype(np.float32))
+    row[:5000] = 0.0
+    got = octav(row, 5, return_iterations=True)
+    assert got.iterations.item() == 1
+    assert got.amax.item() == pytest.approx(_reference_rows(row[None], 5, True)[0], rel=1e-6)
+
+
+def test_one_pass_tail_falls_back_when_the_root_lies_below_the_floor(monkeypatch):
+    """A floor above the root (forced here by a negative margin) proves nothing: long rows iterate,
+    channels are sorted, or iterated when too many are left. Same answers."""
+    octav_module = sys.modules["octavcal._octav_sorted"]
+    monkeypatch.setattr(octav_module, "_TAIL_SIGMAS", -30.0)
+    monkeypatch.setattr(octav_module, "_TAIL_SLACK", 0)
+    monkeypatch.setattr(octav_module, "_CHANNEL_SIGMAS", -30.0)
+    gen = np.random.default_rng(61)
+    row = torch.from_numpy(gen.standard_normal(60_000).astype(np.float32))
+    got = octav(row, 4, return_iterations=True)
+    assert got.iterations.item() > 1
+    assert got.amax.item() == pytest.approx(_reference_rows(row[None], 4, True)[0], rel=1e-6)
+    w = torch.from_numpy(gen.standard_normal((40, 800)).astype(np.float32))
+    for left_below in (1 << 18, 0):  # sorted; iterated
+        monkeypatch.setattr(octav_module, "_SORT_LEFT_BELOW", left_below)
+        got_rows = octav(w, 4, axis=0)
+        ref = _reference_rows(w, 4, True)
+        for r in range(40):
+            assert got_rows[r].item() == pytest.approx(ref[r], rel=1e-6), (left_below, r)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_one_pass_tail_reports_nan_and_inf_the_subsample_missed(bad, axis):
+    x = torch.randn(64, 1000, generator=torch.Generator().manual_seed(62))
+    x[17, 1] = bad  # a position the strided subsample does not visit
+    with pytest.raises(DataError, match=r"NaN or Inf \(1 of 64000 values\)"):
+        octav(x, 4, signed=True, axis=axis)
