@@ -30,7 +30,7 @@ _UNITS = {
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }  # fmt: skip
 _SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
-_DEVICE = re.compile(r"^(cpu|mps|\d+|(cuda|xpu|npu|mlu|musa):\d+)$")
+_DEVICE = re.compile(r"^(cpu|mps|\d+|cuda:\d+)$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Placement:
             raise SpecError(
                 f"Unknown device map {self.device_map!r}. Expected one of: {', '.join(DEVICE_MAPS)}."
             )
+        if self.offload_folder is not None:  # a str from a library caller
+            object.__setattr__(self, "offload_folder", Path(self.offload_folder))
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:

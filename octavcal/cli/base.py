@@ -220,20 +220,23 @@ def _grouped(options: list[Callable[..., Any]], name: str, build: Callable[..., 
     return decorate
 
 
+_MODEL = [
+    click.argument("model", type=click.Path(path_type=Path)),
+    click.option("--arch", help=ARCH_HELP),
+    click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+    click.option("--hf-class", help=HF_CLASS_HELP),
+]
+_PLACEMENT = [
+    click.option("--device-map", type=click.Choice(DEVICE_MAPS), help=DEVICE_MAP_HELP),
+    click.option("--max-memory", metavar="DEVICE=SIZE,...", callback=_max_memory, help=MAX_MEMORY_HELP),
+    click.option("--offload-folder", type=click.Path(path_type=Path, file_okay=False), help=OFFLOAD_HELP),
+]
+_KEYS = ["model", "arch", "allow_pickle", "hf_class"]
+# calibrate, compare and evaluate run the model and can place it; export traces it whole, on one device.
 model_options = _grouped(
-    [
-        click.argument("model", type=click.Path(path_type=Path)),
-        click.option("--arch", help=ARCH_HELP),
-        click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
-        click.option("--hf-class", help=HF_CLASS_HELP),
-        click.option("--device-map", type=click.Choice(DEVICE_MAPS), help=DEVICE_MAP_HELP),
-        click.option("--max-memory", metavar="DEVICE=SIZE,...", callback=_max_memory, help=MAX_MEMORY_HELP),
-        click.option("--offload-folder", type=click.Path(path_type=Path, file_okay=False), help=OFFLOAD_HELP),
-    ],
-    "source",
-    ModelSource,
-    ["model", "arch", "allow_pickle", "hf_class", "device_map", "max_memory", "offload_folder"],
+    _MODEL + _PLACEMENT, "source", ModelSource, [*_KEYS, "device_map", "max_memory", "offload_folder"]
 )
+whole_model_options = _grouped(_MODEL, "source", ModelSource, _KEYS)
 
 
 def display_options(what: str) -> Any:
