@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .core import Batch, LoadedModel
 from .errors import CalibrationError, OctavcalError
 from .graphs import _ExportRunner, _is_exported
+from .offload import parameter_names, quiet_hooks
 from .target import Deliver, Positions, Target, kept_or_replaced, weight_role
 
 # Ops whose second argument is the weight, and the weight axis that holds output channels.
@@ -52,28 +53,49 @@ _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}  # MultiheadAttention's masked 
 
 
 class _Params:
-    """The model's Parameters by identity, with every name each one has (tied weights have several)."""
+    """The model's Parameters by identity, with every name each one has (tied weights have several).
 
-    def __init__(self, model: nn.Module) -> None:
+    A device map's offload hooks put a fresh Parameter on a module for each of its forward passes
+    (the one named at rest is on the "meta" device): a Parameter met that is not the model's at start
+    is found by name on the running modules instead, and never kept (the hook frees it afterwards)."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
         self.names: dict[int, list[str]] = {}
         self.tensors: dict[int, nn.Parameter] = {}
+        self.modules = modules
+        self.by_name = parameter_names(model)
         for name, p in model.named_parameters(remove_duplicate=False):
-            self.names.setdefault(id(p), []).append(name)
+            self.names[id(p)] = self.by_name.get(name, [name])
             self.tensors[id(p)] = p
+        self.aliases = {name for name, names in self.by_name.items() if name != names[0]}
 
-    def owner_of(self, t: Any) -> nn.Parameter | None:
-        """The Parameter ``t`` is, or is a view of (MultiheadAttention chunks its in_proj_weight)."""
+    def owner_of(self, t: Any, stack: list[str]) -> tuple[nn.Parameter, list[str]] | None:
+        """The Parameter ``t`` is, or is a view of (MultiheadAttention chunks its in_proj_weight),
+        with its names."""
         if not isinstance(t, torch.Tensor):
             return None
         for candidate in (t, t._base):
             if candidate is not None and self.tensors.get(id(candidate)) is candidate:
-                return self.tensors[id(candidate)]
+                return self.tensors[id(candidate)], self.names[id(candidate)]
+        for candidate in (t, t._base):
+            if isinstance(candidate, nn.Parameter):
+                names = self._loaded(candidate, stack)
+                if names is not None:
+                    return candidate, names
         return None
 
-    def name_in(self, p: nn.Parameter, stack: list[str]) -> str:
-        """The name under the innermost running module that holds ``p`` (``lm_head.weight`` for a head
-        tied to the embedding), else its first name."""
-        names = self.names[id(p)]
+    def _loaded(self, p: nn.Parameter, stack: list[str]) -> list[str] | None:
+        """The names of a Parameter an offload hook loaded, from the innermost running module that holds
+        it (a layer reads its own weight)."""
+        for module in reversed(stack):
+            for local, q in self.modules[module].named_parameters(remove_duplicate=False):
+                if q is p:
+                    return self.by_name.get(f"{module}.{local}" if module else local)
+        return None
+
+    def name_in(self, names: list[str], stack: list[str]) -> str:
+        """The name under the innermost running module that holds the Parameter (``lm_head.weight``
+        for a head tied to the embedding), else its first name."""
         for module in reversed(stack):
             for name in names:
                 if name.rpartition(".")[0] == module:
@@ -90,6 +112,7 @@ class Capture:
     uses: dict[str, set[str]] = field(default_factory=dict)
     calibrated: set[str] = field(default_factory=set)
     tied: dict[str, list[str]] = field(default_factory=dict)  # target param name -> its other names
+    aliases: set[str] = field(default_factory=set)  # names of a Parameter after its first (tied weights)
 
     def __call__(self, batch: Batch, grad: bool = False) -> Any:
         return self.run(batch, grad)
@@ -109,6 +132,8 @@ class _CaptureMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = dict(kwargs or {})
         state = self.state
+        if state.paused:  # an offload hook moving tensors: not the model's computation
+            return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             # A Python function that calls linear, sdpa and bmm: the mode is popped while this handler
             # runs, so push it again, and keep the function's own dispatch check from calling us again.
@@ -143,18 +168,23 @@ class _CaptureMode(TorchFunctionMode):
 class _State:
     def __init__(self, model: nn.Module, deliver: Deliver, capture: Capture) -> None:
         self.deliver, self.capture = deliver, capture
-        self.params = _Params(model)
         self.modules = dict(model.named_modules())
+        self.params = _Params(model, self.modules)
+        capture.aliases = self.params.aliases
         self.stack: list[str] = [""]
+        self.paused = 0
         self.positions = Positions()
         self.record_uses = True  # the first forward pass records what every Parameter is used for
+
+    def pause(self, on: bool) -> None:
+        self.paused += 1 if on else -1
 
     def record(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for a in (*args, *kwargs.values()):
             for t in a if isinstance(a, (list, tuple)) else (a,):
-                p = self.params.owner_of(t)
-                if p is not None:
-                    self.capture.uses.setdefault(self.params.names[id(p)][0], set()).add(op)
+                owner = self.params.owner_of(t, self.stack)
+                if owner is not None:
+                    self.capture.uses.setdefault(owner[1][0], set()).add(op)
 
     def weight_op(
         self, op: str, args: tuple[Any, ...], xi: int, wi: int, axis: int, kwargs: dict[str, Any]
@@ -163,14 +193,15 @@ class _State:
         x, w = args[xi], args[wi]
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
             return args
-        p = self.params.owner_of(w)
-        if p is None:
+        owner = self.params.owner_of(w, self.stack)
+        if owner is None:
             if op == "matmul" or op == "mm" or op == "addmm":
                 return args
             return self.computed_weight_op(op, args, xi, wi, axis)
+        p, names = owner
         axis = _param_axis(w, p, axis)
-        name = self.params.name_in(p, self.stack)
-        first = self.params.names[id(p)][0]
+        name = self.params.name_in(names, self.stack)
+        first = names[0]
         module, _, leaf = name.rpartition(".")
         wrole, irole = weight_role(leaf)
         k = self.positions.next(name, "input")
@@ -178,8 +209,8 @@ class _State:
         if self.record_uses:
             self.capture.uses.setdefault(first, set()).add(op)
             self.capture.calibrated.add(first)
-            if len(self.params.names[id(p)]) > 1:
-                self.capture.tied[name] = [n for n in self.params.names[id(p)] if n != name]
+            if len(names) > 1:
+                self.capture.tied[name] = [n for n in names if n != name]
         if op != "matmul" and op != "mm" and op != "addmm":
             _check_input(module or "<root>", self.modules.get(module), op, x, w, args, kwargs)
         weight = self.deliver(Target(module, wrole, op, "weight", name, axis), p.detach())
@@ -209,7 +240,7 @@ class _State:
         lhs, rhs = args[li], args[ri]
         module = self.stack[-1]
         i = self.positions.next(module, "matmul") if count else 0
-        rp, lp = self.params.owner_of(rhs), self.params.owner_of(lhs)
+        rp, lp = self.params.owner_of(rhs, self.stack), self.params.owner_of(lhs, self.stack)
         if rp is not None and rhs.dim() >= 2:  # x @ W: output features along W's last axis
             return self.weight_op(op, args, li, ri, rhs.dim() - 1, {})
         if lp is not None and lhs.dim() >= 2:  # W @ x: output features along W's second-to-last axis
@@ -330,6 +361,7 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Captu
         def run(batch: Batch, grad: bool = False) -> Any:
             del stack[1:]
             state.positions.counts.clear()
+            state.paused = 0
             try:
                 with torch.set_grad_enabled(grad and torch.is_grad_enabled()), _CaptureMode(state):
                     return model(*batch.args, **batch.kwargs)
@@ -345,7 +377,8 @@ def capture_activations(loaded: LoadedModel, deliver: Deliver) -> Iterator[Captu
                 state.record_uses = False
 
         capture.run = run
-        yield capture
+        with quiet_hooks(model, state.pause):
+            yield capture
     finally:
         for handle in handles:
             handle.remove()

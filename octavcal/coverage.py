@@ -45,8 +45,8 @@ def coverage(model: nn.Module, capture: Capture) -> list[dict[str, Any]]:
     position embedding) and 'unused' (never read in the forward pass that was watched).
     """
     out = []
-    for name, p in model.named_parameters():
-        if p.dim() < 2 or not p.is_floating_point():
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in capture.aliases or p.dim() < 2 or not p.is_floating_point():
             continue
         ops = sorted(capture.uses.get(name, ()))
         if name in capture.calibrated:

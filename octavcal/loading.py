@@ -22,6 +22,7 @@ from torch import nn
 
 from .core import LoadedModel, a_type
 from .errors import LoadError
+from .offload import Placement, placed
 
 MODEL_FORMATS = ("state_dict", "safetensors", "pickle", "export", "torchscript", "huggingface")
 
@@ -99,16 +100,26 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     hf_class: str | None = None,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a checkpoint as a runnable module, detecting its format (README, "Model formats").
 
     ``hf_class`` picks the transformers class of a Hugging Face folder (default: the one its
-    config.json names under ``architectures``, else AutoModel)."""
+    config.json names under ``architectures``, else AutoModel). ``placement`` spreads a Hugging Face
+    model over devices, CPU and disk with accelerate (``device`` is then unused: inputs are moved to
+    each layer by accelerate's hooks)."""
     path = Path(path)
     if not path.exists():
         raise LoadError(f"Model file '{path}' does not exist.")
+    if placement is not None and not path.is_dir():
+        raise LoadError(
+            f"Model file '{path}' is not a Hugging Face model folder; only those can be placed with a "
+            "device map."
+        )
     if path.is_dir():
-        loaded = _load_huggingface(path, hf_class)
+        loaded = _load_huggingface(path, hf_class, placement, dtype)
+        if placement is not None:
+            return loaded
     elif path.suffix == ".pt2":
         loaded = _load_export(path)
     elif path.suffix == ".safetensors":
@@ -239,10 +250,12 @@ def _load_torchscript(path: Path) -> LoadedModel:
     return LoadedModel(module, "torchscript", path, hookable=False, note=note)
 
 
-def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
+def _load_huggingface(
+    path: Path, head: str | None = None, placement: Placement | None = None, dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load with the class ``config.json`` names in ``architectures`` (so an LM or classifier head is
     part of the model), ``head`` when given, else AutoModel; eager attention so that sdpa does not
-    hide probabilities @ V."""
+    hide probabilities @ V. With ``placement``, accelerate places it in ``dtype``, in eval mode."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LoadError(f"Model folder '{path}' has no config.json; expected a Hugging Face model folder.")
@@ -263,12 +276,18 @@ def _load_huggingface(path: Path, head: str | None = None) -> LoadedModel:
     if head and cls is None:
         raise LoadError(f"transformers has no model class {head!r} (asked for with the head option).")
     cls = cls or transformers.AutoModel
-    try:
-        module = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-    except Exception as exc:
-        raise LoadError(
-            f"Could not load the Hugging Face model in '{path}' offline: {first_line(exc)}."
-        ) from exc
+    with placed(path, placement, dtype) as placing:
+        try:
+            module = cls.from_pretrained(
+                path, local_files_only=True, attn_implementation="eager", **placing.options
+            )
+        except Exception as exc:
+            raise LoadError(
+                f"Could not load the Hugging Face model in '{path}' offline: {first_line(exc)}."
+            ) from exc
+        placing.done(module)
+        if placement is not None:
+            module.eval()
     return LoadedModel(
         module,
         "huggingface",

@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import ScaleFileError
 from .files import atomic_write
 from .grid import Grid
+from .offload import state_tensors
 from .scale_schema import check_schema, parse_metadata, show
 
 FORMAT_NAME = "octavcal.scales"
@@ -149,11 +150,10 @@ def provenance(convention: str, methods: list[str], bits: int, source: str, **fi
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over parameter and buffer names, dtypes, shapes and bytes, in name order."""
+    """sha256 over parameter and buffer names, dtypes, shapes and bytes, in name order (weights a
+    device map offloaded are read from where they rest)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor):
-            continue
+    for name, tensor in state_tensors(model):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(

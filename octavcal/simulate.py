@@ -13,6 +13,7 @@ from .core import Batch, LoadedModel, as_loaded
 from .errors import SpecError
 from .graphs import weight_targets
 from .grid import Convention, fake_quantize
+from .offload import offloads
 from .scales import ScaleTable, check_fingerprint
 from .target import Target
 
@@ -22,7 +23,8 @@ class SimulatedModel(nn.Module):
 
     The weights are not edited: each calibrated op gets a fake-quantized copy of its Parameter
     (made once) in place of the Parameter, and its input fake-quantized at run time, exactly where
-    calibration saw them. Targets without a scale stay in float.
+    calibration saw them. Targets without a scale stay in float. Weights a device map offloads are
+    quantized again at each use, not kept: memory stays at the resident layers.
     """
 
     def __init__(self, model: nn.Module, table: ScaleTable, method: str) -> None:
@@ -31,6 +33,7 @@ class SimulatedModel(nn.Module):
         self.table, self.method = table, method
         self.convention: Convention = table.convention  # type: ignore[assignment]
         self._weights: dict[str, torch.Tensor] = {}
+        self._keep = not offloads(model)
 
     def _quantize(self, target: Target, x: torch.Tensor) -> torch.Tensor | None:
         entry = self.table.targets.get(target.id)
@@ -43,7 +46,8 @@ class SimulatedModel(nn.Module):
                 cached = fake_quantize(
                     x, amax, entry.bits, signed=True, axis=entry.axis, convention=self.convention
                 ).contiguous()  # type: ignore[arg-type]
-                self._weights[target.id] = cached
+                if self._keep:
+                    self._weights[target.id] = cached
             return cached
         amax = entry.methods[self.method].amax.to(x.device)
         return fake_quantize(x, amax, entry.bits, signed=entry.signed, convention=self.convention)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ import click
 from .._version import __version__
 from ..errors import OctavcalError, OctavcalWarning, SpecError
 from ..files import output_set
+from ..offload import DEVICE_MAPS
 from .interrupts import MESSAGE, command_running
 
 # Library messages name library arguments; the command line names its options instead.
@@ -135,6 +136,27 @@ def torch_dtype(name: str | None) -> Any:
     return getattr(torch, name)
 
 
+DEVICE_MAP_HELP = (
+    "Spread a Hugging Face model over GPUs, CPU and disk with accelerate (pip install "
+    "octavcal[accelerate]): auto, balanced or sequential."
+)
+MAX_MEMORY_HELP = (
+    "Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB (units KB..TB, KiB..TiB)."
+)
+OFFLOAD_HELP = "Folder for weights offloaded to disk (kept) [default: a temporary folder, removed]."
+
+
+def _max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from ..offload import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """The MODEL argument and the options that say how to load it (shared by every command)."""
@@ -143,10 +165,22 @@ class ModelSource:
     arch: str | None
     allow_pickle: bool
     hf_class: str | None
+    device_map: str | None = None
+    max_memory: dict[int | str, int] | None = None
+    offload_folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            given = "--max-memory" if self.max_memory is not None else "--offload-folder"
+            raise click.UsageError(f"{given} places a model with --device-map; give --device-map too.")
 
     def load(self, device: str = "cpu", dtype: str | None = None) -> Any:
         from ..loading import load_model
+        from ..offload import Placement
 
+        placement = (
+            Placement(self.device_map, self.max_memory, self.offload_folder) if self.device_map else None
+        )
         return load_model(
             self.path,
             arch=self.arch,
@@ -154,6 +188,7 @@ class ModelSource:
             device=device,
             dtype=torch_dtype(dtype),
             hf_class=self.hf_class,
+            placement=placement,
         )
 
 
@@ -185,17 +220,23 @@ def _grouped(options: list[Callable[..., Any]], name: str, build: Callable[..., 
     return decorate
 
 
+_MODEL = [
+    click.argument("model", type=click.Path(path_type=Path)),
+    click.option("--arch", help=ARCH_HELP),
+    click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+    click.option("--hf-class", help=HF_CLASS_HELP),
+]
+_PLACEMENT = [
+    click.option("--device-map", type=click.Choice(DEVICE_MAPS), help=DEVICE_MAP_HELP),
+    click.option("--max-memory", metavar="DEVICE=SIZE,...", callback=_max_memory, help=MAX_MEMORY_HELP),
+    click.option("--offload-folder", type=click.Path(path_type=Path, file_okay=False), help=OFFLOAD_HELP),
+]
+_KEYS = ["model", "arch", "allow_pickle", "hf_class"]
+# calibrate, compare and evaluate run the model and can place it; export traces it whole, on one device.
 model_options = _grouped(
-    [
-        click.argument("model", type=click.Path(path_type=Path)),
-        click.option("--arch", help=ARCH_HELP),
-        click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
-        click.option("--hf-class", help=HF_CLASS_HELP),
-    ],
-    "source",
-    ModelSource,
-    ["model", "arch", "allow_pickle", "hf_class"],
+    _MODEL + _PLACEMENT, "source", ModelSource, [*_KEYS, "device_map", "max_memory", "offload_folder"]
 )
+whole_model_options = _grouped(_MODEL, "source", ModelSource, _KEYS)
 
 
 def display_options(what: str) -> Any:

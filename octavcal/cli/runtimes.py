@@ -11,7 +11,7 @@ import click
 
 from ..errors import OctavcalError
 from ..files import atomic_write, check_output
-from .base import ModelSource, friendly_errors, main, model_options
+from .base import ModelSource, friendly_errors, main, whole_model_options
 
 # torch and rich are imported inside the commands, when they run: not for --help.
 
@@ -24,7 +24,7 @@ def export_group() -> None:
 def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
-            model_options,
+            whole_model_options,
             click.option("--scales", required=True, type=click.Path(path_type=Path)),
             click.option("--method", default="octav", show_default=True),
             click.option(
