@@ -17,11 +17,14 @@ from .base import (
     SEED,
     Display,
     ModelSource,
+    Processes,
+    dist_options,
     display_options,
     friendly_errors,
     main,
     model_options,
     parse_bits_list,
+    quiet_unless_lead,
     resolve_device,
     torch_dtype,
 )
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
 @click.option(
     "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
 )
+@dist_options
 @display_options("a summary")
 @friendly_errors
 def calibrate_command(
@@ -80,6 +84,7 @@ def calibrate_command(
     output: Path | None,
     device: str | None,
     dtype: str | None,
+    processes: Processes,
     show: Display,
     **options: Any,
 ) -> None:
@@ -96,17 +101,27 @@ def calibrate_command(
     """
     from ..calibrate import calibrate
     from ..data import batch_sources
+    from ..distributed import together
     from ..render import progress_bar, render_calibration, scales_summary
     from ..scales import save_scales
 
     config = _calibration_config(**options)
     model = source.path
-    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
-    dev = resolve_device(device)
-    loaded = source.load(dev, dtype)
-    calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
-    with progress_bar(not show.tables) as progress:
-        table = calibrate(loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches)
+    with processes.joined() as share:
+        show = quiet_unless_lead(share, show)
+        lead = share is None or share.lead
+        with together(share, "loading the model and data"):
+            default = model.with_name(model.stem + ".scales.safetensors")
+            output = check_output(output or default, [model, data]) if lead else None
+            dev = resolve_device(device)
+            loaded = source.load(dev, dtype)
+            calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
+        with progress_bar(not show.tables) as progress:
+            table = calibrate(
+                loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches, group=share
+            )
+    if output is None:
+        return  # not rank 0: only rank 0 writes
     if loaded.note:
         click.echo(f"Warning: {loaded.note}", err=True)
     save_scales(table, output)
