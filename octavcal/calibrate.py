@@ -23,8 +23,8 @@ from .collect import capture_activations
 from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import STRICT_CATEGORIES, coverage, targets_fingerprint
 from .data import batches_of
-from .distributed import SharedWork, share_of, together
 from .defaults import DEFAULT_METHODS
+from .distributed import SharedWork, share_of, together
 from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .graphs import weight_targets
 from .grid import CONVENTIONS, check_bits
@@ -126,7 +126,9 @@ class _Accumulator:
         a, b = (self, other) if self.first <= other.first else (other, self)
         seconds = {k: a.seconds.get(k, 0.0) + b.seconds.get(k, 0.0) for k in a.seconds | b.seconds}
         seen = sorted(a.seen + b.seen, key=lambda s: s.batch)  # stable: a batch's own order is kept
-        return _Accumulator(a.target, a.bits, a.shape, a.first, a.nonnegative and b.nonnegative, seen, seconds)
+        return _Accumulator(
+            a.target, a.bits, a.shape, a.first, a.nonnegative and b.nonnegative, seen, seconds
+        )
 
     def scales(self) -> TargetScales:
         """The mean over batches of each method's candidates, on the unsigned grid when every batch was
@@ -135,7 +137,7 @@ class _Accumulator:
         unsigned = bool(self.seen) and nonnegative and all(s.unsigned is not None for s in self.seen)
         methods = {}
         for name in self.seen[0].signed if self.seen else ():
-            per_batch = torch.stack([(s.unsigned if unsigned else s.signed)[name] for s in self.seen])  # (N,)
+            per_batch = torch.stack([_grid_of(s, unsigned)[name] for s in self.seen])  # (N,)
             methods[name] = MethodScales(per_batch.mean(0), per_batch, self.seconds.get(name, 0.0))
         shared = [s.shared_with for s in self.seen if s.shared_with is not None]
         return TargetScales(
@@ -152,6 +154,10 @@ class _Accumulator:
             shared[-1] if shared else None,
             param=self.target.param,
         )
+
+
+def _grid_of(seen: _Seen, unsigned: bool) -> dict[str, torch.Tensor]:
+    return seen.unsigned if unsigned and seen.unsigned is not None else seen.signed
 
 
 class _Calibrator:
@@ -358,7 +364,7 @@ def calibrate(
                 run(batch)
                 if i == 0 and not discover_first:  # the first pass also finds the targets, in order
                     found, uncovered, tied = calibrator.met, coverage(loaded.module, run), run.tied
-                    _review(found, uncovered, config)
+                    _review(found, uncovered, config, stacklevel=4)
 
             everything = itertools.chain([first], stream)
             if share is None:
@@ -444,7 +450,9 @@ def _discover(
     return found, coverage(loaded.module, capture), capture.tied
 
 
-def _review(found: list[Target], uncovered: list[dict[str, Any]], config: CalibrationConfig) -> None:
+def _review(
+    found: list[Target], uncovered: list[dict[str, Any]], config: CalibrationConfig, stacklevel: int = 3
+) -> None:
     """After the first batch: refuse a model with nothing to calibrate, and in strict mode one with
     uncovered weight-bearing ops; warn that sdpa hides a product."""
     if not found:
@@ -462,7 +470,7 @@ def _review(found: list[Target], uncovered: list[dict[str, Any]], config: Calibr
             "are calibrated. Run attention as explicit matmuls (Hugging Face: attn_implementation='eager') "
             "for the full set.",
             OctavcalWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,  # the caller of calibrate
         )
 
 

@@ -8,8 +8,10 @@ lives with the code that owns them (calibrate, compare, evaluate); only the plum
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,10 +53,10 @@ class Share:
         try:
             dist.all_gather_object(gathered, (error, payload), group=self.group)
         except Exception as exc:  # a rank died (gloo: connection closed) or the timeout passed
-            wait = f"{self.timeout_s:g} s" if self.timeout_s else "the process group's timeout"
+            wait = f"the {self.timeout_s:g} s timeout" if self.timeout_s else "the process group's timeout"
             raise DistributedError(
                 f"Rank {self.rank} of {self.world} stopped while {doing}: another rank was killed or did not "
-                f"answer within {wait} (timeout). {first_line(exc)}"
+                f"answer within {wait} ({_backend_message(exc)})."
             ) from (original or exc)
         failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
         if failed:
@@ -76,22 +78,22 @@ class Share:
         rounds of ``world`` items with a status exchange after each; returns the global count."""
         stream = iter(items)
         done = 0
+
+        def one_round(start: int) -> tuple[int, list[tuple[str, bool]]]:
+            if work is not None:
+                work.run()
+            chunk = list(itertools.islice(stream, self.world))  # every rank reads every item
+            if self.rank < len(chunk):
+                step(start + self.rank, chunk[self.rank])
+            return len(chunk), work.offered() if work is not None else []
+
         while True:
-
-            def one_round() -> tuple[int, list[tuple[str, bool]]]:
-                if work is not None:
-                    work.run()
-                chunk = list(itertools.islice(stream, self.world))  # every rank reads every item
-                if self.rank < len(chunk):
-                    step(done + self.rank, chunk[self.rank])
-                return len(chunk), work.offered() if work is not None else []
-
-            statuses = self.gather("running batches", one_round)
+            statuses = self.gather("running batches", functools.partial(one_round, done))
             counts = [c for c, _ in statuses]
             if len(set(counts)) > 1:
                 raise DistributedError(
-                    f"The ranks read different numbers of batches after batch {done} ({counts} in this round, "
-                    "by rank): every rank must be given the same batches."
+                    f"The ranks read different numbers of batches after batch {done} ({counts} in this "
+                    "round, by rank): every rank must be given the same batches."
                 )
             if work is not None:
                 work.settle([offers for _, offers in statuses])
@@ -222,6 +224,12 @@ def together(share: Share | None, doing: str) -> Iterator[None]:
         raise failure
 
     share.gather(doing, fail)
+
+
+def _backend_message(exc: BaseException) -> str:
+    """gloo's 'Connection closed by peer [127.0.0.1]:40838', without its source path and advice."""
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line(exc))
+    return text.split(". This is typically", 1)[0].rstrip(".")
 
 
 def _described(exc: BaseException) -> str:

@@ -156,7 +156,9 @@ def model_fingerprint(model: nn.Module) -> str:
             continue
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # no copy; 0-dim too
+        digest.update(
+            t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+        )  # no copy; 0-dim too
     return digest.hexdigest()
 
 

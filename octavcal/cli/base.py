@@ -229,7 +229,8 @@ dist_options = _grouped(
         click.option(
             "--dist-backend",
             type=click.Choice(["gloo", "nccl"]),
-            help="Under torchrun (WORLD_SIZE > 1): the process group's backend [default: nccl with CUDA, else gloo].",
+            help="Under torchrun (WORLD_SIZE > 1): the process group's backend "
+            "[default: nccl with CUDA, else gloo].",
         ),
         click.option(
             "--dist-timeout",
