@@ -38,3 +38,18 @@ def rank_1_killed_at_batch_3() -> Iterator[torch.Tensor]:
         if i == 3 and os.environ.get("RANK") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         yield batch
+
+
+def counting_cnn() -> torch.nn.Module:
+    """The sample CNN, writing how many forward passes its process ran to $OCTAVCAL_TEST_COUNTS/RANK
+    when the process exits."""
+    import atexit
+
+    from sample_models.digits_cnn import build
+
+    model = build()
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    folder = Path(os.environ["OCTAVCAL_TEST_COUNTS"])
+    atexit.register(lambda: (folder / os.environ.get("RANK", "0")).write_text(str(calls[0])))
+    return model
