@@ -11,7 +11,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .graphs import weight_targets
 from .grid import CONVENTIONS, check_bits
 from .methods import Method, parse_methods
+from .reduce import Accumulator, Seen
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 from .target import Target
 
@@ -99,71 +100,10 @@ def _warm_up(methods: list[Method], config: CalibrationConfig) -> None:
     _warmed_up.add(key)
 
 
-@dataclass
-class _Seen:
-    """One delivery of an activation: its global batch and the candidates it gave."""
-
-    batch: int
-    nonnegative: bool
-    masked: bool
-    shared_with: str | None
-    signed: dict[str, torch.Tensor]
-    unsigned: dict[str, torch.Tensor] | None  # while every batch so far was non-negative
-
-
-@dataclass
-class _Accumulator:
-    target: Target
-    bits: int
-    shape: list[int]
-    first: int  # the batch it was first seen in (several processes: the earliest one's shape is kept)
-    nonnegative: bool = True  # every batch this process saw: unsigned candidates are still worth computing
-    seen: list[_Seen] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def merged(self, other: _Accumulator) -> _Accumulator:
-        """This process's deliveries and another's, as one process would have seen them."""
-        a, b = (self, other) if self.first <= other.first else (other, self)
-        seconds = {k: a.seconds.get(k, 0.0) + b.seconds.get(k, 0.0) for k in a.seconds | b.seconds}
-        seen = sorted(a.seen + b.seen, key=lambda s: s.batch)  # stable: a batch's own order is kept
-        return _Accumulator(
-            a.target, a.bits, a.shape, a.first, a.nonnegative and b.nonnegative, seen, seconds
-        )
-
-    def scales(self) -> TargetScales:
-        """The mean over batches of each method's candidates, on the unsigned grid when every batch was
-        non-negative (and gave unsigned candidates)."""
-        nonnegative = all(s.nonnegative for s in self.seen)
-        unsigned = bool(self.seen) and nonnegative and all(s.unsigned is not None for s in self.seen)
-        methods = {}
-        for name in self.seen[0].signed if self.seen else ():
-            per_batch = torch.stack([_grid_of(s, unsigned)[name] for s in self.seen])  # (N,)
-            methods[name] = MethodScales(per_batch.mean(0), per_batch, self.seconds.get(name, 0.0))
-        shared = [s.shared_with for s in self.seen if s.shared_with is not None]
-        return TargetScales(
-            self.target.module,
-            self.target.role,
-            self.target.op,
-            "activation",
-            self.bits,
-            not unsigned,
-            None,
-            self.shape,
-            methods,
-            any(s.masked for s in self.seen),
-            shared[-1] if shared else None,
-            param=self.target.param,
-        )
-
-
-def _grid_of(seen: _Seen, unsigned: bool) -> dict[str, torch.Tensor]:
-    return seen.unsigned if unsigned and seen.unsigned is not None else seen.signed
-
-
 class _Calibrator:
     def __init__(self, config: CalibrationConfig, methods: list[Method], rules: BitRules):
         self.config, self.methods, self.rules = config, methods, rules
-        self.acc: dict[str, _Accumulator] = {}
+        self.acc: dict[str, Accumulator] = {}
         self.weights: dict[str, TargetScales] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
@@ -204,7 +144,7 @@ class _Calibrator:
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version, bits)
         acc = self.acc.get(target.id)
         if acc is None:
-            acc = self.acc[target.id] = _Accumulator(target, bits, list(tensor.shape), self.batch_index)
+            acc = self.acc[target.id] = Accumulator(target, bits, list(tensor.shape), self.batch_index)
         cached = self.seen.get(key)
         hit = cached if cached is not None and cached[0]() is tensor else None
         if hit is not None:
@@ -235,7 +175,7 @@ class _Calibrator:
         for name, (_, seconds) in [*results["signed"].items(), *(unsigned or {}).items()]:
             acc.seconds[name] = acc.seconds.get(name, 0.0) + (0.0 if hit else seconds)
         acc.seen.append(
-            _Seen(
+            Seen(
                 self.batch_index,
                 nonnegative,
                 masked,
