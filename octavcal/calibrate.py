@@ -11,7 +11,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +24,12 @@ from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import STRICT_CATEGORIES, coverage, targets_fingerprint
 from .data import batches_of
 from .defaults import DEFAULT_METHODS
+from .distributed import SharedWork, share_of, together
 from .errors import CalibrationError, DataError, OctavcalWarning, SpecError
 from .graphs import weight_targets
 from .grid import CONVENTIONS, check_bits
 from .methods import Method, parse_methods
+from .reduce import Accumulator, Seen
 from .scales import MethodScales, ScaleTable, TargetScales, model_fingerprint, provenance
 from .target import Target
 
@@ -98,29 +100,17 @@ def _warm_up(methods: list[Method], config: CalibrationConfig) -> None:
     _warmed_up.add(key)
 
 
-@dataclass
-class _Accumulator:
-    target: Target
-    bits: int
-    shape: list[int]
-    nonnegative: bool = True
-    masked: bool = False
-    shared_with: str | None = None
-    signed: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    unsigned: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
 class _Calibrator:
     def __init__(self, config: CalibrationConfig, methods: list[Method], rules: BitRules):
         self.config, self.methods, self.rules = config, methods, rules
-        self.acc: dict[str, _Accumulator] = {}
+        self.acc: dict[str, Accumulator] = {}
         self.weights: dict[str, TargetScales] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
         self.batches_seen = 0
         self.mask: torch.Tensor | None = None
         self.met: list[Target] = []  # every target the first batch met, in call order
+        self.work: SharedWork | None = None  # weights shared out among processes
         # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
 
@@ -144,7 +134,9 @@ class _Calibrator:
             self.skipped.add(target.id)
             return
         if target.kind == "weight":
-            if target.id not in self.weights:
+            if self.work is not None:  # several processes: one of those that met it computes it
+                self.work.offer(target.id, (target, tensor, bits), first=not target.param)
+            elif target.id not in self.weights:
                 self.weights[target.id] = weight_scales(target, tensor, bits, self.methods, self.config)
             return
         if not tensor.is_floating_point():
@@ -152,11 +144,10 @@ class _Calibrator:
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version, bits)
         acc = self.acc.get(target.id)
         if acc is None:
-            acc = self.acc[target.id] = _Accumulator(target, bits, list(tensor.shape))
+            acc = self.acc[target.id] = Accumulator(target, bits, list(tensor.shape), self.batch_index)
         cached = self.seen.get(key)
         hit = cached if cached is not None and cached[0]() is tensor else None
         if hit is not None:
-            acc.shared_with = hit[1]
             results, masked, nonnegative = hit[2]["results"], hit[2]["masked"], hit[2]["nonnegative"]
         else:
             x, masked = without_padding(tensor.detach(), self.mask)
@@ -179,40 +170,42 @@ class _Calibrator:
                 target.id,
                 {"results": results, "masked": masked, "nonnegative": nonnegative},
             )
-        acc.masked |= masked
         acc.nonnegative &= nonnegative
-        for name, (amax, seconds) in results["signed"].items():
-            acc.signed.setdefault(name, []).append(amax)
+        unsigned = results.get("unsigned") if acc.nonnegative else None
+        for name, (_, seconds) in [*results["signed"].items(), *(unsigned or {}).items()]:
             acc.seconds[name] = acc.seconds.get(name, 0.0) + (0.0 if hit else seconds)
-        if acc.nonnegative and "unsigned" in results:
-            for name, (amax, seconds) in results["unsigned"].items():
-                acc.unsigned.setdefault(name, []).append(amax)
-                acc.seconds[name] += 0.0 if hit else seconds
+        acc.seen.append(
+            Seen(
+                self.batch_index,
+                nonnegative,
+                masked,
+                hit[1] if hit is not None else None,
+                {name: amax for name, (amax, _) in results["signed"].items()},
+                {name: amax for name, (amax, _) in unsigned.items()} if unsigned is not None else None,
+            )
+        )
 
     def activation_scales(self) -> dict[str, TargetScales]:
-        out = {}
-        for tid, acc in self.acc.items():
-            unsigned = acc.nonnegative and all(len(v) == len(acc.signed[k]) for k, v in acc.unsigned.items())
-            chosen = acc.unsigned if unsigned and acc.unsigned else acc.signed
-            methods = {}
-            for name, values in chosen.items():
-                per_batch = torch.stack(values)  # (N,)
-                methods[name] = MethodScales(per_batch.mean(0), per_batch, acc.seconds.get(name, 0.0))
-            out[tid] = TargetScales(
-                acc.target.module,
-                acc.target.role,
-                acc.target.op,
-                "activation",
-                acc.bits,
-                not (unsigned and bool(acc.unsigned)),
-                None,
-                acc.shape,
-                methods,
-                acc.masked,
-                acc.shared_with,
-                param=acc.target.param,
-            )
-        return out
+        return {tid: acc.scales() for tid, acc in self.acc.items()}
+
+    def compute_weight(self, work: tuple[Target, torch.Tensor, int]) -> None:
+        target, tensor, bits = work
+        with statistics_threads(tensor.device):
+            self.weights[target.id] = weight_scales(target, tensor, bits, self.methods, self.config)
+
+    def part(self) -> dict[str, Any]:
+        """What this process collected, for the merge: picklable, without the batch's cache."""
+        return {"acc": self.acc, "weights": self.weights, "skipped": self.skipped}
+
+    def absorb(self, parts: list[dict[str, Any]], batches: int) -> None:
+        """Every process's part (in rank order), as one process would have collected it all."""
+        self.acc, self.weights, self.skipped, self.batches_seen = {}, {}, set(), batches
+        for part in parts:
+            for tid, acc in part["acc"].items():
+                mine = self.acc.get(tid)
+                self.acc[tid] = acc if mine is None else mine.merged(acc)
+            self.weights |= part["weights"]
+            self.skipped |= part["skipped"]
 
 
 def without_padding(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
@@ -262,6 +255,7 @@ def calibrate(
     seed: int | None = None,
     progress: Progress | None = None,
     total_batches: int | None = None,
+    group: Any = None,
 ) -> ScaleTable:
     """Calibrate every weight-bearing op of ``model`` (weight and input) and every matmul operand.
 
@@ -270,10 +264,15 @@ def calibrate(
     order; each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done,
     total)`` reports 'batches' and 'weights'. Returns a ScaleTable for ``save_scales``; its
     ``meta["uncovered"]`` lists every weight that no target calibrates, with the reason.
+
+    Several processes (``group``, else an initialized default process group of more than one): every
+    process passes the same ``batches``; process r runs batch i when i % world == r, and every process
+    returns the same table, equal to one process's (README, "Distributed calibration").
     """
     config = config or CalibrationConfig()
     methods = config.validate()
     loaded = as_loaded(model)
+    share = share_of(group)
     stream = iter(batches_of(batches) if loaded.hookable else ())
     first = next(stream, None)
     if loaded.hookable and first is None:
@@ -287,38 +286,71 @@ def calibrate(
     discover_first = rules.first_last_bits is not None and first is not None
     if discover_first and first is not None:
         # The first/last-layer rule needs the call order before any batch is calibrated: one extra
-        # forward pass, paid only with that rule.
-        found, uncovered, tied = _discover(loaded, first)
-        _review(found, uncovered, config)
+        # forward pass (in every process), paid only with that rule.
+        with together(share, "finding the targets"):
+            found, uncovered, tied = _discover(loaded, first)
+            _review(found, uncovered, config)
     rules = rules.with_layer_order(found or [t for t, _, _ in fixed_weights])
 
     # Batches are pulled one at a time: only the current one (and its activations) is ever alive.
     calibrator = _Calibrator(config, methods, rules)
     if first is not None:
         with capture_activations(loaded, calibrator.deliver) as run:
-            for i, batch in enumerate(itertools.chain([first], stream)):
+
+            def step(i: int, batch: Batch) -> None:
+                nonlocal found, uncovered, tied
                 calibrator.batch_index = i
                 calibrator.start_batch(batch)
                 run(batch)
                 if i == 0 and not discover_first:  # the first pass also finds the targets, in order
                     found, uncovered, tied = calibrator.met, coverage(loaded.module, run), run.tied
-                    _review(found, uncovered, config)
-                calibrator.batches_seen = i + 1
+                    _review(found, uncovered, config, stacklevel=4)
+
+            everything = itertools.chain([first], stream)
+            if share is None:
+                for i, batch in enumerate(everything):
+                    step(i, batch)
+                    calibrator.batches_seen = i + 1
+                    if progress:
+                        progress("batches", i + 1, total_batches)
+            else:
+                # Several processes: each runs its share of the global batches; weights are shared out.
+                calibrator.work = SharedWork(share.rank, calibrator.compute_weight)
+                tick = (lambda done: progress("batches", done, total_batches)) if progress else None
+                calibrator.batches_seen = share.each_batch(everything, step, calibrator.work, tick)
+    fixed: dict[str, TargetScales] = {}
+
+    def fixed_scales() -> None:
+        for i, (target, weight, _) in enumerate(fixed_weights):
+            bits = rules.for_target(target)
+            if bits is None:
+                calibrator.skipped.add(target.id)
+            elif share is None or i % share.world == share.rank:
+                with statistics_threads(weight.device):
+                    fixed[target.id] = weight_scales(target, weight, bits, methods, config)
                 if progress:
-                    progress("batches", i + 1, total_batches)
+                    progress("weights", i + 1, len(fixed_weights))
+
+    if share is None:
+        fixed_scales()
+    else:
+
+        def part() -> dict[str, Any]:
+            if calibrator.work is not None:
+                calibrator.work.run()
+            fixed_scales()
+            return calibrator.part() | {"fixed": fixed, "coverage": (found, uncovered, tied)}
+
+        # Every process gets every part and merges them in global batch order: the same table everywhere.
+        parts = share.gather("gathering the candidates", part)
+        calibrator.absorb(parts, calibrator.batches_seen)
+        fixed = {tid: entry for p in parts for tid, entry in p["fixed"].items()}
+        found, uncovered, tied = parts[0]["coverage"]  # rank 0 ran batch 0, as one process would
     targets = calibrator.activation_scales()
     for tid, entry in calibrator.weights.items():
         entry.tied = tied.get(entry.param or "", [])
         targets[tid] = entry
-    for i, (target, weight, _) in enumerate(fixed_weights):
-        bits = rules.for_target(target)
-        if bits is None:
-            calibrator.skipped.add(target.id)
-            continue
-        with statistics_threads(weight.device):
-            targets[target.id] = weight_scales(target, weight, bits, methods, config)
-        if progress:
-            progress("weights", i + 1, len(fixed_weights))
+    targets |= fixed
     for pattern in rules.unmatched_patterns([*calibrator.acc, *calibrator.skipped, *targets]):
         warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
     meta = _metadata(config, methods, loaded, calibrator, seed) | {
@@ -336,10 +368,13 @@ def calibrate_each(
     *,
     seed: int | None = None,
     progress: Progress | None = None,
+    group: Any = None,
 ) -> dict[int, ScaleTable]:
     """``calibrate`` at each bit width, each over a fresh pass of ``batches()`` (for compare/evaluate)."""
     return {
-        b: calibrate(model, batches(), dataclasses.replace(config, bits=b), seed=seed, progress=progress)
+        b: calibrate(
+            model, batches(), dataclasses.replace(config, bits=b), seed=seed, progress=progress, group=group
+        )
         for b in bits
     }
 
@@ -355,7 +390,9 @@ def _discover(
     return found, coverage(loaded.module, capture), capture.tied
 
 
-def _review(found: list[Target], uncovered: list[dict[str, Any]], config: CalibrationConfig) -> None:
+def _review(
+    found: list[Target], uncovered: list[dict[str, Any]], config: CalibrationConfig, stacklevel: int = 3
+) -> None:
     """After the first batch: refuse a model with nothing to calibrate, and in strict mode one with
     uncovered weight-bearing ops; warn that sdpa hides a product."""
     if not found:
@@ -373,7 +410,7 @@ def _review(found: list[Target], uncovered: list[dict[str, Any]], config: Calibr
             "are calibrated. Run attention as explicit matmuls (Hugging Face: attn_implementation='eager') "
             "for the full set.",
             OctavcalWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,  # the caller of calibrate
         )
 
 

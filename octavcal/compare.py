@@ -17,9 +17,10 @@ from torch import nn
 
 from .calibrate import CalibrationConfig, calibrate_each, without_padding
 from .collect import capture_activations
-from .core import LoadedModel, Progress, as_loaded
+from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import check_targets
 from .data import batch_source, check_finite_inputs
+from .distributed import SharedWork, share_of
 from .errors import CalibrationError
 from .findings import AppendixFRow, AppendixGFinding, ComparisonSummary, MethodSummary
 from .graphs import weight_targets
@@ -94,11 +95,29 @@ class _Evaluator:
     def __init__(self, tables: dict[int, ScaleTable], curve_points: int):
         self.tables, self.curve_points = tables, curve_points
         self.stats: dict[tuple[str, int, str, str], ErrorStats] = {}
-        self.curves: dict[tuple[str, int], list[list[float]]] = {}
+        self.curves: dict[tuple[str, int], list[tuple[int, list[float]]]] = {}  # (batch, curve)
         self.curve_s: dict[tuple[str, int], torch.Tensor] = {}
         self.split = "calib"
         self.mask: torch.Tensor | None = None
         self.weights_seen: set[str] = set()
+        self.batch = 0  # the global batch being run: curves are kept in batch order
+        self.work: SharedWork | None = None  # several processes: weights shared out
+
+    def part(self) -> dict[str, Any]:
+        """What this process measured, for the merge."""
+        return {"stats": self.stats, "curves": self.curves, "curve_s": self.curve_s}
+
+    def absorb(self, parts: list[dict[str, Any]]) -> None:
+        """Every process's part (in rank order): sums added up in float64, curves in batch order."""
+        self.stats, self.curves, self.curve_s = {}, {}, {}
+        for part in parts:
+            for key, s in part["stats"].items():
+                self.stats[key] = self.stats.get(key, EMPTY_STATS) + s
+            for key, curves in part["curves"].items():
+                self.curves.setdefault(key, []).extend(curves)
+            self.curve_s |= part["curve_s"]
+        for curves in self.curves.values():
+            curves.sort(key=lambda c: c[0])  # stable: a batch's own order is kept
 
     def add_weight(self, tid: str, weight: torch.Tensor) -> None:
         """A weight is the same tensor on any data: measured once, for both splits."""
@@ -142,13 +161,16 @@ class _Evaluator:
                 mse = sweep_mse_curve(mags, grid_s[:, None], qmax)[:, 0]
                 if not entry.signed:
                     mse = mse + rows_from(x, None).clamp(max=0).double().square().mean()
-                self.curves.setdefault((tid, bits), []).append(mse.tolist())
+                self.curves.setdefault((tid, bits), []).append((self.batch, mse.tolist()))
 
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
         if not tensor.is_floating_point():
             return
         if target.kind == "weight":
-            self.add_weight(target.id, tensor)
+            if self.work is not None:
+                self.work.offer(target.id, (target.id, tensor), first=not target.param)
+            else:
+                self.add_weight(target.id, tensor)
             return
         x, _ = without_padding(tensor.detach(), self.mask)
         if x.numel():
@@ -166,14 +188,17 @@ def compare(
     seed: int | None = None,
     curve_points: int = 100,
     progress: Progress | None = None,
+    group: Any = None,
 ) -> ComparisonReport:
     """Calibrate at every bit width (unless ``tables`` are given), then measure every method.
 
     ``calib_batches``/``heldout_batches``: functions giving a fresh pass over the same batches, or
     re-iterable collections (a list, a DataLoader), of anything ``calibrate`` takes as a batch.
-    ``bits`` defaults to ``config.bits``.
+    ``bits`` defaults to ``config.bits``. Several processes (``group``, or an initialized default
+    process group): each measures its share of the batches, and every process returns the whole report.
     """
     model = as_loaded(model)
+    share = share_of(group)
     config = config or CalibrationConfig()
     bits = bits or [config.bits]
     calib_batches = batch_source(calib_batches, "calibration batches")
@@ -186,26 +211,57 @@ def compare(
             if first is not None:
                 check_targets(table, model, first)
     else:
-        tables = calibrate_each(model, calib_batches, config, bits, seed=seed, progress=progress)
+        tables = calibrate_each(model, calib_batches, config, bits, seed=seed, progress=progress, group=share)
     evaluator = _Evaluator(tables, curve_points)
     counts = {"calib": 0, "heldout": 0}
     passes = [("calib", calib_batches)] + ([("heldout", heldout_batches)] if heldout_batches else [])
+    if share is not None:  # weights are shared out: each is measured by one process
+        evaluator.work = SharedWork(share.rank, lambda w: evaluator.add_weight(*w))
     if model.hookable:
         with capture_activations(model, evaluator.deliver) as run:
             for split, source in passes:
                 evaluator.split = split
-                for batch in source():
-                    check_finite_inputs(batch, f"{_SPLIT_NAMES[split]} batch {counts[split]}")
+
+                def step(i: int, batch: Batch, split: str = split) -> None:
+                    check_finite_inputs(batch, f"{_SPLIT_NAMES[split]} batch {i}")
                     mask = batch.kwargs.get("attention_mask") if config.mask_padding else None
                     evaluator.mask = (
                         mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
                     )
+                    evaluator.batch = i
                     run(batch)
-                    counts[split] += 1
-                    if progress:
-                        progress(f"evaluating {split}", counts[split], None)
-    for target, weight, _ in weight_targets(model.module):  # TorchScript and exported graphs
-        evaluator.add_weight(target.id, weight)
+
+                tick = (
+                    (lambda done, split=split: progress(f"evaluating {split}", done, None))
+                    if progress
+                    else None
+                )
+                if share is None:
+                    for i, batch in enumerate(source()):
+                        step(i, batch)
+                        counts[split] = i + 1
+                        if tick:
+                            tick(i + 1)
+                else:
+                    counts[split] = share.each_batch(source(), step, evaluator.work, tick)
+    fixed = weight_targets(model.module)  # TorchScript and exported graphs
+
+    def measure_fixed() -> None:
+        for i, (target, weight, _) in enumerate(fixed):
+            if share is None or i % share.world == share.rank:
+                evaluator.add_weight(target.id, weight)
+
+    if share is None:
+        measure_fixed()
+    else:
+
+        def part() -> dict[str, Any]:
+            if evaluator.work is not None:
+                evaluator.work.run()
+            measure_fixed()
+            return evaluator.part()
+
+        evaluator.absorb(share.gather("gathering the error statistics", part))
     if not evaluator.stats:
         raise CalibrationError("Nothing to compare: no target was calibrated.")
     return _assemble(tables, evaluator, bits, counts)
@@ -235,7 +291,7 @@ def _assemble(
                 )
             if (tid, b) in ev.curves:
                 rep.curve_s[b] = ev.curve_s[(tid, b)].tolist()
-                rep.curves[b] = ev.curves[(tid, b)]
+                rep.curves[b] = [curve for _, curve in ev.curves[(tid, b)]]
             finding = _appendix_g(rep, b, table)
             if finding is not None:
                 rep.findings.append(finding)

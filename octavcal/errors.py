@@ -29,5 +29,9 @@ class OutputError(OctavcalError):
     """An output path that cannot or must not be written (a folder, an input, not writable)."""
 
 
+class DistributedError(CalibrationError):
+    """A run over several processes stopped: a rank failed (named, with its error) or stopped answering."""
+
+
 class OctavcalWarning(UserWarning):
     """Something worth a user's attention that does not stop the run."""

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .collect import capture_activations
-from .core import LoadedModel, as_loaded
+from .core import Batch, LoadedModel, as_loaded
 from .coverage import check_targets
 from .data import batch_source, check_finite_inputs
+from .distributed import share_of
 from .errors import CalibrationError
 from .metrics import sqnr_from
 from .scales import ScaleTable
@@ -54,14 +55,17 @@ def evaluate(
     methods: list[str] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     names: list[str] | None = None,
+    group: Any = None,
 ) -> list[Fidelity]:
     """Run the float model and each (scale file, method) simulation on ``batches``; compare outputs.
 
     ``batches``: a function giving a pass over them, or a re-iterable collection (a list, a
     DataLoader) of anything ``calibrate`` takes as a batch. ``names`` label the tables in the results
-    (default: their position).
+    (default: their position). Several processes (``group``, or an initialized default process group):
+    each runs its share of the batches, and every process returns the whole result.
     """
     model = as_loaded(model)
+    share = share_of(group)
     batches = batch_source(batches)
     labels = names or [str(i) for i in range(len(tables))]
     first = next(iter(batches()), None)
@@ -73,26 +77,48 @@ def evaluate(
         for method in methods or table.methods:
             sims.append((method, bits, name, apply_scales(model, table, method)))
     acc: dict[tuple[str, int, str], dict[str, float]] = {(m, b, n): {} for m, b, n, _ in sims}
-    float_correct = labelled = samples = 0
+    counts = {"float_correct": 0, "labelled": 0, "samples": 0}
     with torch.no_grad(), capture_activations(model, lambda target, x: None) as float_run:
-        for i, batch in enumerate(batches()):
+
+        def step(i: int, batch: Batch) -> None:
             check_finite_inputs(batch, f"Evaluation batch {i}")
             ref = _output(float_run(batch)).float()
-            samples += ref.shape[0]
+            counts["samples"] += ref.shape[0]
             classes = ref.dim() == 2 and ref.shape[1] > 1
             if batch.labels is not None and classes:
-                labelled += ref.shape[0]
-                float_correct += int((ref.argmax(1) == batch.labels.to(ref.device)).sum())
+                counts["labelled"] += ref.shape[0]
+                counts["float_correct"] += int((ref.argmax(1) == batch.labels.to(ref.device)).sum())
             for method, bits, name, sim in sims:
                 out = _output(sim(*batch.args, **batch.kwargs)).float()
                 _add_agreement(
                     acc[(method, bits, name)], out, ref, batch.labels if classes else None, classes
                 )
-            if progress:
-                progress("evaluating", i + 1, None)
-    if not samples:
+
+        tick = (lambda done: progress("evaluating", done, None)) if progress else None
+        if share is None:
+            for i, batch in enumerate(batches()):
+                step(i, batch)
+                if tick:
+                    tick(i + 1)
+        else:  # each process runs its share; sums are added up in float64, in rank order
+            share.each_batch(batches(), step, progress=tick)
+            parts = share.gather("gathering the metrics", lambda: (acc, counts))
+            acc = {key: _summed([a[key] for a, _ in parts]) for key in acc}
+            counts = _summed([c for _, c in parts])  # type: ignore[assignment]
+    if not counts["samples"]:
         raise CalibrationError("No evaluation batches were given.")
-    return [_fidelity(key, a, samples, labelled, float_correct) for key, a in acc.items()]
+    return [
+        _fidelity(key, a, counts["samples"], counts["labelled"], counts["float_correct"])
+        for key, a in acc.items()
+    ]
+
+
+def _summed(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _add_agreement(

@@ -251,6 +251,50 @@ def display_options(what: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Processes:
+    """--dist-backend and --dist-timeout: how to join the other processes under torchrun."""
+
+    backend: str | None
+    timeout_s: float
+
+    def joined(self) -> Any:
+        """A context giving this process's Share (None when run as one process), left at the end."""
+        from ..distributed import joined
+
+        return joined(self.backend, self.timeout_s)
+
+
+dist_options = _grouped(
+    [
+        click.option(
+            "--dist-backend",
+            type=click.Choice(["gloo", "nccl"]),
+            help="Under torchrun (WORLD_SIZE > 1): the process group's backend "
+            "[default: nccl with CUDA, else gloo].",
+        ),
+        click.option(
+            "--dist-timeout",
+            default=1800.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Under torchrun: seconds to wait for the other processes before failing.",
+        ),
+    ],
+    "processes",
+    Processes,
+    ["dist_backend", "dist_timeout"],
+)
+
+
+def quiet_unless_lead(share: Any, show: Display) -> Display:
+    """Only rank 0 prints results, progress and warnings; the other processes print only errors."""
+    if share is None or share.lead:
+        return show
+    warnings.simplefilter("ignore")
+    return Display(quiet=True, as_json=False)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="octavcal")
 @click.option(

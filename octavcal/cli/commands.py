@@ -17,11 +17,14 @@ from .base import (
     SEED,
     Display,
     ModelSource,
+    Processes,
     display_options,
+    dist_options,
     friendly_errors,
     main,
     model_options,
     parse_bits_list,
+    quiet_unless_lead,
     resolve_device,
     torch_dtype,
 )
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
 @click.option(
     "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
 )
+@dist_options
 @display_options("a summary")
 @friendly_errors
 def calibrate_command(
@@ -80,6 +84,7 @@ def calibrate_command(
     output: Path | None,
     device: str | None,
     dtype: str | None,
+    processes: Processes,
     show: Display,
     **options: Any,
 ) -> None:
@@ -96,17 +101,27 @@ def calibrate_command(
     """
     from ..calibrate import calibrate
     from ..data import batch_sources
+    from ..distributed import together
     from ..render import progress_bar, render_calibration, scales_summary
     from ..scales import save_scales
 
     config = _calibration_config(**options)
     model = source.path
-    output = check_output(output or model.with_name(model.stem + ".scales.safetensors"), [model, data])
-    dev = resolve_device(device)
-    loaded = source.load(dev, dtype)
-    calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
-    with progress_bar(not show.tables) as progress:
-        table = calibrate(loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches)
+    with processes.joined() as share:
+        show = quiet_unless_lead(share, show)
+        lead = share is None or share.lead
+        with together(share, "loading the model and data"):
+            default = model.with_name(model.stem + ".scales.safetensors")
+            output = check_output(output or default, [model, data]) if lead else None
+            dev = resolve_device(device)
+            loaded = source.load(dev, dtype)
+            calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
+        with progress_bar(not show.tables) as progress:
+            table = calibrate(
+                loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches, group=share
+            )
+    if output is None:
+        return  # not rank 0: only rank 0 writes
     if loaded.note:
         click.echo(f"Warning: {loaded.note}", err=True)
     save_scales(table, output)
@@ -168,6 +183,7 @@ def _calibration_config(
 @click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
 @click.option("--device", help=DEVICE_HELP)
+@dist_options
 @display_options("the summary")
 @friendly_errors
 def compare_command(
@@ -183,6 +199,7 @@ def compare_command(
     out: Path,
     no_plots: bool,
     device: str | None,
+    processes: Processes,
     show: Display,
     **options: Any,
 ) -> None:
@@ -197,33 +214,44 @@ def compare_command(
     """
     from ..compare import compare, summarize
     from ..data import batch_sources
+    from ..distributed import together
     from ..render import console, progress_bar, render_comparison
     from ..report import write_report
     from ..scales import check_fingerprint, load_scales
 
     config, bits = _comparison_config(curve_points=curve_points, **options)
-    check_output_folder(out)
-    dev = resolve_device(device)
-    loaded = source.load(dev)
-    tables = None
-    if scales is not None:
-        table = load_scales(scales)
-        check_fingerprint(table, loaded.module, scales)
-        tables = {int(table.meta.get("bits", bits[0])): table}
-        bits = list(tables)
-    calib, held = batch_sources(data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None)
-    with progress_bar(not show.tables) as progress:
-        report = compare(
-            loaded,
-            calib,
-            held,
-            config,
-            bits,
-            tables=tables,
-            seed=seed,
-            curve_points=curve_points,
-            progress=progress,
-        )
+    with processes.joined() as share:
+        show = quiet_unless_lead(share, show)
+        lead = share is None or share.lead
+        with together(share, "loading the model and data"):
+            if lead:
+                check_output_folder(out)
+            dev = resolve_device(device)
+            loaded = source.load(dev)
+            tables = None
+            if scales is not None:
+                table = load_scales(scales)
+                check_fingerprint(table, loaded.module, scales)
+                tables = {int(table.meta.get("bits", bits[0])): table}
+                bits = list(tables)
+            calib, held = batch_sources(
+                data, batch_size, num_batches, heldout_batches, seed, heldout_data, dev, None
+            )
+        with progress_bar(not show.tables) as progress:
+            report = compare(
+                loaded,
+                calib,
+                held,
+                config,
+                bits,
+                tables=tables,
+                seed=seed,
+                curve_points=curve_points,
+                progress=progress,
+                group=share,
+            )
+    if not lead:
+        return  # only rank 0 writes
     paths = write_report(report, out, plots=not no_plots)
     if show.as_json:
         files = {k: str(v) for k, v in paths.items()}
@@ -277,6 +305,7 @@ def _comparison_config(
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Write evaluation.json and fidelity.png here.")
 @click.option("--device", help=DEVICE_HELP)
+@dist_options
 @display_options("the results")
 @friendly_errors
 def evaluate_command(
@@ -290,6 +319,7 @@ def evaluate_command(
     labels_file: Path | None,
     out: Path | None,
     device: str | None,
+    processes: Processes,
     show: Display,
     **calibration: Any,
 ) -> None:
@@ -305,41 +335,64 @@ def evaluate_command(
 
     from ..calibrate import CalibrationConfig, calibrate_each
     from ..data import batch_sources, load_heldout
+    from ..distributed import together
     from ..evaluate import evaluate
     from ..render import progress_bar, render_evaluation
     from ..report import write_evaluation
     from ..scales import check_fingerprint, load_scales
 
-    if out is not None:
-        check_output_folder(out)
     if batch_size < 1:
         raise LoadError(f"Batch size must be positive: got {batch_size}.")
     if not scale_files and not calib_data:
         raise click.UsageError("Give --scales, or --calib-data with --bits.")
     bits = parse_bits_list(bits_list) if not scale_files else []
-    held = load_heldout(data, labels_file)  # every input is read before any calibration work
-    dev = resolve_device(device)
-    loaded = source.load(dev)
     method_list = methods.split(",") if methods else None
-    if scale_files:
-        tables = [load_scales(p) for p in scale_files]
-        names = [str(p) for p in scale_files]
-        for path, table in zip(scale_files, tables, strict=True):
-            check_fingerprint(table, loaded.module, path)
-    else:
-        names = [f"calibrated at {b} bits" for b in bits]
-        calib, _ = batch_sources(
-            str(calib_data), batch_size, calibration["num_batches"], 0, calibration["seed"], None, dev, None
-        )
-        config = CalibrationConfig(methods=tuple(method_list or DEFAULT_METHODS))
+    with processes.joined() as share:
+        show = quiet_unless_lead(share, show)
+        lead = share is None or share.lead
+        with together(share, "loading the model and data"):
+            if out is not None and lead:
+                check_output_folder(out)
+            held = load_heldout(data, labels_file)  # every input is read before any calibration work
+            dev = resolve_device(device)
+            loaded = source.load(dev)
+            if scale_files:
+                tables = [load_scales(p) for p in scale_files]
+                names = [str(p) for p in scale_files]
+                for path, table in zip(scale_files, tables, strict=True):
+                    check_fingerprint(table, loaded.module, path)
+            else:
+                names = [f"calibrated at {b} bits" for b in bits]
+                calib, _ = batch_sources(
+                    str(calib_data),
+                    batch_size,
+                    calibration["num_batches"],
+                    0,
+                    calibration["seed"],
+                    None,
+                    dev,
+                    None,
+                )
+        if not scale_files:
+            config = CalibrationConfig(methods=tuple(method_list or DEFAULT_METHODS))
+            with progress_bar(not show.tables) as progress:
+                each = calibrate_each(
+                    loaded, calib, config, bits, seed=calibration["seed"], progress=progress, group=share
+                )
+            tables = list(each.values())
+        order = torch.arange(held.num_samples).split(batch_size)
         with progress_bar(not show.tables) as progress:
-            each = calibrate_each(loaded, calib, config, bits, seed=calibration["seed"], progress=progress)
-        tables = list(each.values())
-    order = torch.arange(held.num_samples).split(batch_size)
-    with progress_bar(not show.tables) as progress:
-        rows = evaluate(
-            loaded, tables, lambda: (held.batch(i).to(dev) for i in order), method_list, progress, names
-        )
+            rows = evaluate(
+                loaded,
+                tables,
+                lambda: (held.batch(i).to(dev) for i in order),
+                method_list,
+                progress,
+                names,
+                share,
+            )
+    if not lead:
+        return  # only rank 0 writes
     if out is not None:
         write_evaluation(rows, out)
     if show.as_json:
