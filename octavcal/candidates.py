@@ -23,14 +23,12 @@ from .methods import (
     Method,
     compute_amax,
     percentile_of_rows,
-    sorted_magnitudes,
-    sweep_rows,
-    sweeps_by_sorting,
     tail_length,
     top_magnitudes,
 )
 from .octav import octav
 from .slices import amax_from_rows
+from .sweep import sorted_magnitudes, sweep_rows, sweeps_by_sorting
 
 T = TypeVar("T")
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import CalibrationConfig, calibrate_each, without_padding
+from .calibrate import CalibrationConfig, calibrate_each
+from .calibrator import without_padding
 from .collect import capture_activations
 from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import check_targets

@@ -261,7 +261,7 @@ def test_math_modules_import_no_cli_libraries():
 def test_sorted_sweep_of_a_long_float32_row_equals_a_float64_loop(bits, data):
     """One long float32 row is swept from its sort (prefix sums in float64): every candidate's MSE
     equals a float64 quantize-and-measure loop, closer than float32 blocks could."""
-    from octavcal.methods import sweeps_by_sorting
+    from octavcal.sweep import sweeps_by_sorting
 
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(420_000 if bits == 12 else 60_000, generator=gen)

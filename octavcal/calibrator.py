@@ -1,0 +1,189 @@
+"""What calibration does with each captured tensor: the activation's per-batch candidates of every
+method (kept with their global batch index, reduced in ``reduce.py``), each weight's once.
+
+``calibrate.py`` runs the batches; this module is the ``deliver`` callback and its bookkeeping.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .bitrules import BitRules
+from .candidates import activation_candidates, candidates_for, extremes_of, statistics_threads
+from .core import Batch
+from .distributed import SharedWork
+from .errors import DataError
+from .methods import Method
+from .reduce import Accumulator, Seen
+from .scales import MethodScales, TargetScales
+from .target import Target
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrationConfig
+
+
+_warmed_up: set[tuple[str, ...]] = set()
+
+
+def warm_up(methods: list[Method], config: CalibrationConfig) -> None:
+    """Run every method once per process on a small tensor, so that per-tensor times exclude
+    first-call costs (loading kernels, allocating scratch buffers)."""
+    key = tuple(m.name for m in methods)
+    if key in _warmed_up:
+        return
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
+    activation_candidates(x, extremes_of(x), methods, config.bits, config.convention, unsigned=True)
+    candidates_for(
+        x.reshape(256, -1), methods, config.bits, signed=True, axis=0, convention=config.convention
+    )
+    _warmed_up.add(key)
+
+
+class Calibrator:
+    def __init__(self, config: CalibrationConfig, methods: list[Method], rules: BitRules):
+        self.config, self.methods, self.rules = config, methods, rules
+        self.acc: dict[str, Accumulator] = {}
+        self.weights: dict[str, TargetScales] = {}
+        self.skipped: set[str] = set()
+        self.batch_index = 0
+        self.batches_seen = 0
+        self.mask: torch.Tensor | None = None
+        self.met: list[Target] = []  # every target the first batch met, in call order
+        self.work: SharedWork | None = None  # weights shared out among processes
+        # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
+        self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
+
+    def bits_for(self, target: Target) -> int | None:
+        return self.rules.for_target(target)
+
+    def start_batch(self, batch: Batch) -> None:
+        self.seen.clear()
+        mask = batch.kwargs.get("attention_mask") if self.config.mask_padding else None
+        self.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def deliver(self, target: Target, tensor: torch.Tensor) -> None:
+        if self.batch_index == 0:
+            self.met.append(target)
+        with statistics_threads(tensor.device):
+            self._take(target, tensor)
+
+    def _take(self, target: Target, tensor: torch.Tensor) -> None:
+        bits = self.bits_for(target)
+        if bits is None:
+            self.skipped.add(target.id)
+            return
+        if target.kind == "weight":
+            if self.work is not None:  # several processes: one of those that met it computes it
+                self.work.offer(target.id, (target, tensor, bits), first=not target.param)
+            elif target.id not in self.weights:
+                self.weights[target.id] = weight_scales(target, tensor, bits, self.methods, self.config)
+            return
+        if not tensor.is_floating_point():
+            return  # integer operands (e.g. index arithmetic) are not quantized activations
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version, bits)
+        acc = self.acc.get(target.id)
+        if acc is None:
+            acc = self.acc[target.id] = Accumulator(target, bits, list(tensor.shape), self.batch_index)
+        cached = self.seen.get(key)
+        hit = cached if cached is not None and cached[0]() is tensor else None
+        if hit is not None:
+            results, masked, nonnegative = hit[2]["results"], hit[2]["masked"], hit[2]["nonnegative"]
+        else:
+            x, masked = without_padding(tensor.detach(), self.mask)
+            if x.numel() == 0:
+                return
+            extremes = extremes_of(x)
+            if not extremes.finite:
+                bad = int((~torch.isfinite(x)).sum())
+                raise DataError(
+                    f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
+                    f"{self.batch_index} ({bad} of {x.numel()} values)."
+                )
+            nonnegative = extremes.nonnegative
+            # Unsigned stays possible while every batch was non-negative: keep its candidates too.
+            results = activation_candidates(
+                x, extremes, self.methods, bits, self.config.convention, unsigned=acc.nonnegative
+            )
+            self.seen[key] = (
+                weakref.ref(tensor),
+                target.id,
+                {"results": results, "masked": masked, "nonnegative": nonnegative},
+            )
+        acc.nonnegative &= nonnegative
+        unsigned = results.get("unsigned") if acc.nonnegative else None
+        for name, (_, seconds) in [*results["signed"].items(), *(unsigned or {}).items()]:
+            acc.seconds[name] = acc.seconds.get(name, 0.0) + (0.0 if hit else seconds)
+        acc.seen.append(
+            Seen(
+                self.batch_index,
+                nonnegative,
+                masked,
+                hit[1] if hit is not None else None,
+                {name: amax for name, (amax, _) in results["signed"].items()},
+                {name: amax for name, (amax, _) in unsigned.items()} if unsigned is not None else None,
+            )
+        )
+
+    def activation_scales(self) -> dict[str, TargetScales]:
+        return {tid: acc.scales() for tid, acc in self.acc.items()}
+
+    def compute_weight(self, work: tuple[Target, torch.Tensor, int]) -> None:
+        target, tensor, bits = work
+        with statistics_threads(tensor.device):
+            self.weights[target.id] = weight_scales(target, tensor, bits, self.methods, self.config)
+
+    def part(self) -> dict[str, Any]:
+        """What this process collected, for the merge: picklable, without the batch's cache."""
+        return {"acc": self.acc, "weights": self.weights, "skipped": self.skipped}
+
+    def absorb(self, parts: list[dict[str, Any]], batches: int) -> None:
+        """Every process's part (in rank order), as one process would have collected it all."""
+        self.acc, self.weights, self.skipped, self.batches_seen = {}, {}, set(), batches
+        for part in parts:
+            for tid, acc in part["acc"].items():
+                mine = self.acc.get(tid)
+                self.acc[tid] = acc if mine is None else mine.merged(acc)
+            self.weights |= part["weights"]
+            self.skipped |= part["skipped"]
+
+
+def without_padding(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """Drop padded positions of a (B, T) or (B, T, features) activation: (valid tokens, ...).
+
+    Only 2-D and 3-D tensors are masked: a 4-D (B, H, T, ...) attention operand could have H == T
+    and would be masked along heads.
+    """
+    if mask is None or x.dim() not in (2, 3) or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x, False
+    # x[mask], in the same order: a boolean index costs 20x an index_select on CPU (measured here)
+    valid = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, valid), True
+
+
+def weight_scales(
+    target: Target, weight: torch.Tensor, bits: int, methods: list[Method], config: CalibrationConfig
+) -> TargetScales:
+    """Every method's amax of one weight, per output channel (``target.axis``) unless per tensor."""
+    if not extremes_of(weight).finite:
+        bad = int((~torch.isfinite(weight)).sum())
+        raise DataError(
+            f"Weight '{target.id}' (Parameter '{target.param}') contains NaN or Inf ({bad} of "
+            f"{weight.numel()} values)."
+        )
+    kept = target.axis if config.per_channel_weights else None
+    results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
+    return TargetScales(
+        target.module,
+        target.role,
+        target.op,
+        "weight",
+        bits,
+        True,
+        kept,
+        list(weight.shape),
+        {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
+        param=target.param,
+    )
