@@ -28,7 +28,7 @@ from .errors import CalibrationError, OctavcalWarning, SpecError
 from .graphs import weight_targets
 from .grid import CONVENTIONS, check_bits
 from .methods import Method, parse_methods
-from .scales import ScaleTable, TargetScales, model_fingerprint, provenance
+from .scales import ScaleTable, TargetScales, fingerprint_in_background, provenance
 from .target import Target
 
 
@@ -112,6 +112,7 @@ def calibrate(
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
     warm_up(methods, config)
+    fingerprint = fingerprint_in_background(loaded.module)  # overlaps the batches
     fixed_weights = weight_targets(loaded.module)  # TorchScript and exported graphs: their weights by layer
     rules = config.bit_rules()
     found: list[Target] = []
@@ -187,7 +188,7 @@ def calibrate(
     targets |= fixed
     for pattern in rules.unmatched_patterns([*calibrator.acc, *calibrator.skipped, *targets]):
         warnings.warn(f"Layer bits pattern {pattern!r} matched no target.", OctavcalWarning, stacklevel=2)
-    meta = _metadata(config, methods, loaded, calibrator, seed) | {
+    meta = _metadata(config, methods, loaded, calibrator, seed, fingerprint()) | {
         "targets_fingerprint": targets_fingerprint(found),
         "uncovered": uncovered,
     }
@@ -254,6 +255,7 @@ def _metadata(
     loaded: LoadedModel,
     calibrator: Calibrator,
     seed: int | None,
+    fingerprint: str,
 ) -> dict[str, Any]:
     return provenance(
         config.convention,
@@ -269,7 +271,7 @@ def _metadata(
         "per_channel_weights": config.per_channel_weights,
         "mask_padding": config.mask_padding,
         "model_format": loaded.format,
-        "model_fingerprint": model_fingerprint(loaded.module),
+        "model_fingerprint": fingerprint,
         "skipped": sorted(calibrator.skipped),
         "note": loaded.note,
     }
