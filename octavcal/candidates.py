@@ -133,7 +133,9 @@ def activation_candidates(
     names = [m.name for m in methods]
     start = time.perf_counter()
     rows = rows_from(x.detach(), None)  # (1, n), float32 unless float64
-    mags = rows if extremes.nonnegative else rows.abs()
+    # |x| for the sweep and the percentiles (OCTAV reads the values as they are)
+    grid_free = any(m.kind in ("sweep", "percentile") for m in methods)
+    mags = rows if extremes.nonnegative or not grid_free else rows.abs()
     smax = max(extremes.high, -extremes.low)
     smax_t = torch.tensor([smax], dtype=torch.float64)
     clock.charge(names, time.perf_counter() - start)
