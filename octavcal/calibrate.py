@@ -258,7 +258,7 @@ def calibrate_each(
     """``calibrate`` at each bit width, each over a fresh pass of ``batches()`` (for compare/evaluate)."""
     return {
         b: calibrate(
-            model, batches(), dataclasses.replace(config, bits=b), seed=seed, progress=progress, group=group
+            model, batches, dataclasses.replace(config, bits=b), seed=seed, progress=progress, group=group
         )
         for b in bits
     }
