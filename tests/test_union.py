@@ -9,10 +9,10 @@ from torch import nn
 
 import octavcal
 from octavcal import CalibrationConfig, calibrate
+from octavcal._octav_sorted import sorted_fixed_point
 from octavcal.cli import main
 from octavcal.compare import compare
 from octavcal.errors import LoadError, SpecError
-from octavcal._octav_sorted import sorted_fixed_point
 from octavcal.grid import Grid
 from octavcal.reduce import UnionAccumulator
 from octavcal.target import Target
@@ -163,7 +163,7 @@ def test_cli_union_end_to_end(tmp_path, transformer_paths):
         assert not [k for k in f.keys() if k.endswith("@batches")]  # no per-batch candidates
     acts = [e for e in table.targets.values() if e.kind == "activation"]
     assert acts and all(e.methods["octav"].amax.item() > 0 for e in acts)
-    mean_args = args[:-5] + ["-o", tmp_path / "m.safetensors", "--quiet"]  # the default: mean
+    mean_args = [*args[:-5], "-o", tmp_path / "m.safetensors", "--quiet"]  # the default: mean
     assert CliRunner().invoke(main, [str(a) for a in mean_args]).exit_code == 0
     assert octavcal.load_scales(tmp_path / "m.safetensors").meta["reduction"].startswith("mean")
 
