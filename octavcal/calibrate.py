@@ -1,7 +1,8 @@
-"""Calibration: batches -> per-batch candidates of every method -> the mean over batches (Appendix E.3).
+"""Calibration: batches -> per-batch candidates of every method -> the mean over batches (Appendix E.3),
+or with ``reduction="union"`` two passes -> every method's exact answer on all values together.
 
-Each activation is turned into candidates the moment it is seen and then dropped, so memory grows
-with one batch, not with the number of batches. Weights are calibrated once.
+Each activation is turned into candidates (or summaries) the moment it is seen and then dropped, so
+memory grows with one batch, not with the number of batches. Weights are calibrated once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .candidates import statistics_threads
 from .collect import capture_activations
 from .core import Batch, LoadedModel, Progress, as_loaded
 from .coverage import STRICT_CATEGORIES, coverage, targets_fingerprint
-from .data import batches_of
+from .data import batch_source, batches_of
 from .defaults import DEFAULT_METHODS
 from .distributed import SharedWork, share_of, together
 from .errors import CalibrationError, OctavcalWarning, SpecError
@@ -30,6 +31,12 @@ from .grid import CONVENTIONS, check_bits
 from .methods import Method, parse_methods
 from .scales import ScaleTable, TargetScales, fingerprint_in_background, provenance
 from .target import Target
+
+REDUCTIONS = ("mean", "union")
+_REDUCTION_NOTES = {
+    "mean": "mean of per-batch candidates (Appendix E.3)",
+    "union": "union of all batches (exact optimum over every value; two passes)",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class CalibrationConfig:
     mask_padding: bool = True
     convention: str = "runtime"
     strict: bool = False
+    reduction: str = "mean"
 
     def bit_rules(self) -> BitRules:
         return BitRules(self.bits, self.layer_bits, self.first_last_bits)
@@ -59,6 +67,10 @@ class CalibrationConfig:
                 check_bits(bits)
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits)
+        if self.reduction not in REDUCTIONS:
+            raise SpecError(
+                f"Unknown reduction {self.reduction!r}. Expected one of: {', '.join(REDUCTIONS)}."
+            )
         if self.convention not in CONVENTIONS:
             raise SpecError(
                 f"Unknown grid convention {self.convention!r}. Expected one of: {', '.join(CONVENTIONS)}."
@@ -83,7 +95,7 @@ def parse_layer_bits(spec: str) -> tuple[str, int | None]:
 
 def calibrate(
     model: LoadedModel | nn.Module,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
     config: CalibrationConfig | None = None,
     *,
     seed: int | None = None,
@@ -95,8 +107,10 @@ def calibrate(
 
     ``batches`` (any iterable, consumed lazily; already on the model's device): tensors, dicts,
     tuples whose first element is the input, ``Batch`` objects, or a DataLoader. They are run in
-    order; each method's per-batch candidates are averaged (Appendix E.3). ``progress(stage, done,
-    total)`` reports 'batches' and 'weights'. Returns a ScaleTable for ``save_scales``; its
+    order; each method's per-batch candidates are averaged (Appendix E.3). With the ``union``
+    reduction they are passed over twice, so ``batches`` must be re-iterable (a list, a DataLoader) or
+    a function returning a fresh iterable. ``progress(stage, done, total)`` reports 'batches',
+    'second pass' (union) and 'weights'. Returns a ScaleTable for ``save_scales``; its
     ``meta["uncovered"]`` lists every weight that no target calibrates, with the reason.
 
     Several processes (``group``, else an initialized default process group of more than one): every
@@ -107,7 +121,9 @@ def calibrate(
     methods = config.validate()
     loaded = as_loaded(model)
     share = share_of(group)
-    stream = iter(batches_of(batches) if loaded.hookable else ())
+    union = config.reduction == "union"
+    fresh = batch_source(batches, "calibration batches") if union or callable(batches) else None
+    stream = iter((fresh() if fresh else batches_of(batches)) if loaded.hookable else ())  # type: ignore[arg-type]
     first = next(stream, None)
     if loaded.hookable and first is None:
         raise CalibrationError("No calibration batches were given.")
@@ -153,6 +169,8 @@ def calibrate(
                 calibrator.work = SharedWork(share.rank, calibrator.compute_weight)
                 tick = (lambda done: progress("batches", done, total_batches)) if progress else None
                 calibrator.batches_seen = share.each_batch(everything, step, calibrator.work, tick)
+            if union and fresh is not None:
+                _second_pass(calibrator, run, fresh, share, progress, total_batches)
     fixed: dict[str, TargetScales] = {}
 
     def fixed_scales() -> None:
@@ -195,6 +213,39 @@ def calibrate(
     return ScaleTable(dict(sorted(targets.items())), meta)
 
 
+def _second_pass(
+    calibrator: Calibrator,
+    run: Callable[[Batch], Any],
+    fresh: Callable[[], Iterable[Batch]],
+    share: Any,
+    progress: Progress | None,
+    total: int | None,
+) -> None:
+    """The union's pass 2: every process's summaries merged (exact sums), then the batches again."""
+    if share is not None:
+        parts = share.gather("merging the first pass", lambda: calibrator.union)
+        calibrator.union = {}
+        for part in parts:  # in rank order; the sums are exact, so any order gives the same bytes
+            for tid, acc in part.items():
+                had = calibrator.union.get(tid)
+                calibrator.union[tid] = acc if had is None else had.merged(acc)
+    calibrator.second_pass()
+
+    def step(i: int, batch: Batch) -> None:
+        calibrator.batch_index = i
+        calibrator.start_batch(batch)
+        run(batch)
+
+    if share is None:
+        for i, batch in enumerate(fresh()):
+            step(i, batch)
+            if progress:
+                progress("second pass", i + 1, total)
+    else:
+        tick = (lambda done: progress("second pass", done, total)) if progress else None
+        share.each_batch(fresh(), step, None, tick)
+
+
 def calibrate_each(
     model: LoadedModel | nn.Module,
     batches: Callable[[], Iterable[Any]],
@@ -208,7 +259,7 @@ def calibrate_each(
     """``calibrate`` at each bit width, each over a fresh pass of ``batches()`` (for compare/evaluate)."""
     return {
         b: calibrate(
-            model, batches(), dataclasses.replace(config, bits=b), seed=seed, progress=progress, group=group
+            model, batches, dataclasses.replace(config, bits=b), seed=seed, progress=progress, group=group
         )
         for b in bits
     }
@@ -262,7 +313,7 @@ def _metadata(
         [m.name for m in methods],
         config.bits,
         "calibrate",
-        reduction="mean of per-batch candidates (Appendix E.3)",
+        reduction=_REDUCTION_NOTES[config.reduction],
         batches=calibrator.batches_seen,
         seed=seed,
     ) | {

@@ -1,23 +1,25 @@
 """What calibration does with each captured tensor: the activation's per-batch candidates of every
-method (kept with their global batch index, reduced in ``reduce.py``), each weight's once.
+method (kept with their global batch index, reduced in ``reduce.py``) or, for the union, its summary
+(pass 1) and bracketed values (pass 2); each weight's candidates once.
 
 ``calibrate.py`` runs the batches; this module is the ``deliver`` callback and its bookkeeping.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .bitrules import BitRules
-from .candidates import activation_candidates, candidates_for, extremes_of, statistics_threads
+from .candidates import Extremes, activation_candidates, candidates_for, extremes_of, statistics_threads
 from .core import Batch
 from .distributed import SharedWork
-from .errors import DataError
+from .errors import CalibrationError, DataError
 from .methods import Method
-from .reduce import Accumulator, Seen
+from .reduce import Accumulator, Seen, UnionAccumulator
 from .scales import MethodScales, TargetScales
 from .target import Target
 
@@ -46,6 +48,8 @@ class Calibrator:
     def __init__(self, config: CalibrationConfig, methods: list[Method], rules: BitRules):
         self.config, self.methods, self.rules = config, methods, rules
         self.acc: dict[str, Accumulator] = {}
+        self.union: dict[str, UnionAccumulator] = {}
+        self.union_pass = 1 if config.reduction == "union" else 0  # 0: the mean; 1, 2: the union's passes
         self.weights: dict[str, TargetScales] = {}
         self.skipped: set[str] = set()
         self.batch_index = 0
@@ -65,7 +69,7 @@ class Calibrator:
         self.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
-        if self.batch_index == 0:
+        if self.batch_index == 0 and self.union_pass < 2:
             self.met.append(target)
         with statistics_threads(tensor.device):
             self._take(target, tensor)
@@ -76,6 +80,8 @@ class Calibrator:
             self.skipped.add(target.id)
             return
         if target.kind == "weight":
+            if self.union_pass == 2:
+                return  # met in pass 1
             if self.work is not None:  # several processes: one of those that met it computes it
                 self.work.offer(target.id, (target, tensor, bits), first=not target.param)
             elif target.id not in self.weights:
@@ -83,6 +89,9 @@ class Calibrator:
             return
         if not tensor.is_floating_point():
             return  # integer operands (e.g. index arithmetic) are not quantized activations
+        if self.union_pass:
+            self._take_union(target, tensor, bits)
+            return
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor._version, bits)
         acc = self.acc.get(target.id)
         if acc is None:
@@ -95,13 +104,7 @@ class Calibrator:
             x, masked = without_padding(tensor.detach(), self.mask)
             if x.numel() == 0:
                 return
-            extremes = extremes_of(x)
-            if not extremes.finite:
-                bad = int((~torch.isfinite(x)).sum())
-                raise DataError(
-                    f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
-                    f"{self.batch_index} ({bad} of {x.numel()} values)."
-                )
+            extremes = self._checked(target, x)
             nonnegative = extremes.nonnegative
             # Unsigned stays possible while every batch was non-negative: keep its candidates too.
             results = activation_candidates(
@@ -127,7 +130,59 @@ class Calibrator:
             )
         )
 
+    def _checked(self, target: Target, x: torch.Tensor) -> Extremes:
+        extremes = extremes_of(x)
+        if not extremes.finite:
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(
+                f"Activations of '{target.module}' ({target.role}) contain NaN or Inf in batch "
+                f"{self.batch_index} ({bad} of {x.numel()} values)."
+            )
+        return extremes
+
+    def _take_union(self, target: Target, tensor: torch.Tensor, bits: int) -> None:
+        """Pass 1 adds the activation to its summary; pass 2 to its bracket (and the sweep's errors)."""
+        if tensor.dtype == torch.float64:
+            raise CalibrationError(
+                f"Activations of '{target.module}' ({target.role}) are float64; the union reduction reads "
+                "float32, float16 and bfloat16. Use the mean reduction or run the model in float32."
+            )
+        x, masked = without_padding(tensor.detach(), self.mask)
+        if x.numel() == 0:
+            return
+        x = x.float()
+        acc = self.union.get(target.id)
+        start = time.perf_counter()
+        if self.union_pass == 1:
+            self._checked(target, x)
+            if acc is None:
+                acc = self.union[target.id] = UnionAccumulator(
+                    target, bits, list(tensor.shape), self.batch_index
+                )
+            acc.masked |= masked
+            acc.summary.add(x)
+            names = [m.name for m in self.methods]
+        else:
+            if acc is None or acc.bracket is None:
+                raise CalibrationError(
+                    f"Activations of '{target.module}' ({target.role}) appeared only on the second pass "
+                    "over the batches. The union needs batches that give the same values on every pass."
+                )
+            acc.bracket.add(x)
+            acc.second_count += x.numel()
+            names = [m.name for m in self.methods if m.kind != "max"]
+        for name in names:  # the pass's time, shared by the methods that need it
+            acc.seconds[name] = acc.seconds.get(name, 0.0) + (time.perf_counter() - start) / len(names)
+
+    def second_pass(self) -> None:
+        """After pass 1 (every process's summaries merged): the bins each method's answer lies in."""
+        self.union_pass = 2
+        for acc in self.union.values():
+            acc.prepare(self.methods, self.config.convention)
+
     def activation_scales(self) -> dict[str, TargetScales]:
+        if self.union_pass:
+            return {tid: acc.scales(self.methods, self.config.convention) for tid, acc in self.union.items()}
         return {tid: acc.scales() for tid, acc in self.acc.items()}
 
     def compute_weight(self, work: tuple[Target, torch.Tensor, int]) -> None:
@@ -137,15 +192,18 @@ class Calibrator:
 
     def part(self) -> dict[str, Any]:
         """What this process collected, for the merge: picklable, without the batch's cache."""
-        return {"acc": self.acc, "weights": self.weights, "skipped": self.skipped}
+        return {"acc": self.acc, "union": self.union, "weights": self.weights, "skipped": self.skipped}
 
     def absorb(self, parts: list[dict[str, Any]], batches: int) -> None:
         """Every process's part (in rank order), as one process would have collected it all."""
-        self.acc, self.weights, self.skipped, self.batches_seen = {}, {}, set(), batches
+        self.acc, self.union, self.weights, self.skipped, self.batches_seen = {}, {}, {}, set(), batches
         for part in parts:
             for tid, acc in part["acc"].items():
                 mine = self.acc.get(tid)
                 self.acc[tid] = acc if mine is None else mine.merged(acc)
+            for tid, union in part["union"].items():
+                had = self.union.get(tid)
+                self.union[tid] = union if had is None else had.merged(union)
             self.weights |= part["weights"]
             self.skipped |= part["skipped"]
 

@@ -8,6 +8,7 @@ Nothing per element is kept.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,6 +191,7 @@ def compare(
     curve_points: int = 100,
     progress: Progress | None = None,
     group: Any = None,
+    reductions: tuple[str, ...] | None = None,
 ) -> ComparisonReport:
     """Calibrate at every bit width (unless ``tables`` are given), then measure every method.
 
@@ -197,6 +199,8 @@ def compare(
     re-iterable collections (a list, a DataLoader), of anything ``calibrate`` takes as a batch.
     ``bits`` defaults to ``config.bits``. Several processes (``group``, or an initialized default
     process group): each measures its share of the batches, and every process returns the whole report.
+    ``reductions`` (default: ``config.reduction`` alone): with several, each is calibrated and the later
+    ones' methods are reported as ``<method>@<reduction>`` (e.g. ``octav@union``) next to the first's.
     """
     model = as_loaded(model)
     share = share_of(group)
@@ -212,7 +216,17 @@ def compare(
             if first is not None:
                 check_targets(table, model, first)
     else:
-        tables = calibrate_each(model, calib_batches, config, bits, seed=seed, progress=progress, group=share)
+        reductions = reductions or (config.reduction,)
+        first_config = dataclasses.replace(config, reduction=reductions[0])
+        tables = calibrate_each(
+            model, calib_batches, first_config, bits, seed=seed, progress=progress, group=share
+        )
+        for reduction in reductions[1:]:
+            other = dataclasses.replace(config, reduction=reduction)
+            more = calibrate_each(
+                model, calib_batches, other, bits, seed=seed, progress=progress, group=share
+            )
+            _add_reduction(tables, more, reduction)
     evaluator = _Evaluator(tables, curve_points)
     counts = {"calib": 0, "heldout": 0}
     passes = [("calib", calib_batches)] + ([("heldout", heldout_batches)] if heldout_batches else [])
@@ -266,6 +280,17 @@ def compare(
     if not evaluator.stats:
         raise CalibrationError("Nothing to compare: no target was calibrated.")
     return _assemble(tables, evaluator, bits, counts)
+
+
+def _add_reduction(tables: dict[int, ScaleTable], more: dict[int, ScaleTable], reduction: str) -> None:
+    """``more``'s methods into ``tables`` as ``<method>@<reduction>`` (weights: the same values)."""
+    for b, table in tables.items():
+        names = table.methods
+        for tid, entry in table.targets.items():
+            extra = more[b].targets.get(tid)
+            if extra is not None:
+                entry.methods |= {f"{name}@{reduction}": result for name, result in extra.methods.items()}
+        table.meta["methods"] = names + [f"{name}@{reduction}" for name in names]
 
 
 def _assemble(

@@ -103,6 +103,12 @@ def _sweep_sse(
     return sse_steps * scale**2
 
 
+def sweep_sse(a: torch.Tensor, candidates: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The summed squared error of every candidate on every row of magnitudes: (R, n), (K, R) -> (K, R),
+    float64 (``sweep_mse_curve`` times n); the union sums it over batches."""
+    return _sweep_sse(a, candidates, qmax)
+
+
 def sweep_mse_curve(magnitudes: torch.Tensor, candidates: torch.Tensor, qmax: int) -> torch.Tensor:
     """Eq. (1)'s MSE of every candidate amax on every row of magnitudes: (R, n), (K, R) -> (K, R).
 

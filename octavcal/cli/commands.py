@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,14 @@ if TYPE_CHECKING:
 @click.option(
     "--strict", is_flag=True, help="Fail when a weight-bearing op (an LSTM, an einsum) cannot be calibrated."
 )
+@click.option(
+    "--reduction",
+    type=click.Choice(["mean", "union"]),
+    default="mean",
+    show_default=True,
+    help="mean: average the per-batch candidates (Appendix E.3); union: the exact answer on all batches "
+    "together (one more pass over them).",
+)
 @dist_options
 @display_options("a summary")
 @friendly_errors
@@ -118,7 +127,7 @@ def calibrate_command(
             calib, _ = batch_sources(data, batch_size, num_batches, 0, seed, None, dev, torch_dtype(dtype))
         with progress_bar(not show.tables) as progress:
             table = calibrate(
-                loaded, calib(), config, seed=seed, progress=progress, total_batches=num_batches, group=share
+                loaded, calib, config, seed=seed, progress=progress, total_batches=num_batches, group=share
             )
     if output is None:
         return  # not rank 0: only rank 0 writes
@@ -140,6 +149,7 @@ def _calibration_config(
     keep_padding: bool,
     convention: str,
     strict: bool,
+    reduction: str,
 ) -> CalibrationConfig:
     """calibrate's options as a validated CalibrationConfig (before any file is read)."""
     from ..calibrate import CalibrationConfig, parse_layer_bits
@@ -153,6 +163,7 @@ def _calibration_config(
         mask_padding=not keep_padding,
         convention=convention,
         strict=strict,
+        reduction=reduction,
     )
     config.validate()
     return config
@@ -176,6 +187,13 @@ def _calibration_config(
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--curve-points", default=100, show_default=True, type=int, help="Samples of each MSE curve.")
+@click.option(
+    "--reduction",
+    "reductions",
+    default="mean",
+    show_default=True,
+    help="Reductions to compare, comma-separated: mean, union; methods of the second are named METHOD@union.",
+)
 @click.option(
     "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
 )
@@ -219,7 +237,7 @@ def compare_command(
     from ..report import write_report
     from ..scales import check_fingerprint, load_scales
 
-    config, bits = _comparison_config(curve_points=curve_points, **options)
+    config, bits, reduction_list = _comparison_config(curve_points=curve_points, **options)
     with processes.joined() as share:
         show = quiet_unless_lead(share, show)
         lead = share is None or share.lead
@@ -249,6 +267,7 @@ def compare_command(
                 curve_points=curve_points,
                 progress=progress,
                 group=share,
+                reductions=reduction_list,
             )
     if not lead:
         return  # only rank 0 writes
@@ -262,19 +281,26 @@ def compare_command(
 
 
 def _comparison_config(
-    methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int
-) -> tuple[CalibrationConfig, list[int]]:
+    methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int, reductions: str
+) -> tuple[CalibrationConfig, list[int], tuple[str, ...]]:
     """compare's options as a validated CalibrationConfig and its bit widths (before any file is read)."""
     from ..calibrate import CalibrationConfig
 
     bits = parse_bits_list(bits_list)
     if curve_points < 2:
         raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
+    reduction_list = tuple(dict.fromkeys(r.strip() for r in reductions.split(",") if r.strip()))
     config = CalibrationConfig(
-        bits=bits[0], methods=tuple(methods.split(",")), mask_padding=not keep_padding, convention=convention
+        bits=bits[0],
+        methods=tuple(methods.split(",")),
+        mask_padding=not keep_padding,
+        convention=convention,
+        reduction=reduction_list[0] if reduction_list else "",
     )
+    for reduction in reduction_list:
+        dataclasses.replace(config, reduction=reduction).validate()
     config.validate()
-    return config, bits
+    return config, bits, reduction_list
 
 
 @main.command("evaluate")
