@@ -107,6 +107,7 @@ def one_process(args: list[str]) -> tuple[int, str, str]:
     [
         ("cnn", 2, 6, []),
         ("transformer", 3, 7, ["--first-last-8bit", "--methods", "octav,sweep,p99.9,max"]),
+        ("transformer", 2, 5, ["--reduction", "union"]),  # summaries added, brackets gathered
     ],
 )
 def test_ranks_write_the_single_process_bytes(tmp_path, model, world, batches, extra):
