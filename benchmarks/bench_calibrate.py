@@ -9,6 +9,7 @@ shipped digits transformer (its calibration batches). For each, rounds interleav
     octav     calibrate(methods=octav)
     octav,p99.99
     all six   calibrate() with the default methods
+    all six, union   the same with reduction="union" (two passes over the batches)
 
 and report each as the median of per-round ratios to the forward passes of the same round. A last
 run of the six methods breaks the time down: forward, capture overhead, each method (the seconds the
@@ -96,11 +97,14 @@ def capture_only(model: torch.nn.Module, data: list[Any]) -> None:
             run(batch)
 
 
-def calibrate(methods: tuple[str, ...]) -> Callable[[torch.nn.Module, list[Any]], Any]:
+def calibrate(
+    methods: tuple[str, ...], reduction: str = "mean"
+) -> Callable[[torch.nn.Module, list[Any]], Any]:
     def go(model: torch.nn.Module, data: list[Any]) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return octavcal.calibrate(model, data, CalibrationConfig(bits=8, methods=methods))
+            config = CalibrationConfig(bits=8, methods=methods, reduction=reduction)
+            return octavcal.calibrate(model, data, config)
 
     return go
 
@@ -136,6 +140,7 @@ def run_for_peak(model_key: str, job: str, batches: int) -> None:
 def bench(name: str, model_key: str, model: torch.nn.Module, data: list[Any], rounds: int) -> dict[str, Any]:
     jobs: dict[str, Callable[[torch.nn.Module, list[Any]], Any]] = {"capture": capture_only}
     jobs |= {label: calibrate(methods) for label, methods in RUNS.items()}
+    jobs["all six, union"] = calibrate(DEFAULT_METHODS, "union")  # two passes over the batches
     forward(model, data[:1])  # first-call costs (allocator, thread pool) are not the model's
     calibrate(("octav",))(model, data[:1])
     seconds: dict[str, list[float]] = {"forward": [], **{k: [] for k in jobs}}
