@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .bitrules import BitRules
-from .candidates import Extremes, activation_candidates, candidates_for, extremes_of, statistics_threads
+from .candidates import (
+    Extremes,
+    activation_candidates,
+    candidates_for,
+    extremes_of,
+    in_memory_order,
+    statistics_threads,
+)
 from .core import Batch
 from .distributed import SharedWork
 from .errors import CalibrationError, DataError
@@ -104,6 +111,7 @@ class Calibrator:
             x, masked = without_padding(tensor.detach(), self.mask)
             if x.numel() == 0:
                 return
+            x = in_memory_order(x)
             extremes = self._checked(target, x)
             nonnegative = extremes.nonnegative
             # Unsigned stays possible while every batch was non-negative: keep its candidates too.

@@ -82,6 +82,17 @@ def candidates_for(
     return out
 
 
+def in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dimensions permuted into memory order, a contiguous view, when it is a permuted
+    dense tensor (a transposed attention operand); else ``x``. Per-tensor statistics do not depend on
+    the order of the values, and flattening the view costs nothing where ``x`` would be copied."""
+    if x.is_contiguous() or x.dim() < 2:
+        return x
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
+    y = x.permute(order)
+    return y if y.is_contiguous() else x
+
+
 @dataclass
 class Extremes:
     """One pass over an activation: its smallest and largest value."""
