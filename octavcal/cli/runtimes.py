@@ -40,6 +40,11 @@ def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @export_group.command("onnx")
 @_export_common
+@click.option(
+    "--weight-only",
+    is_flag=True,
+    help="Write ONNX Runtime's MatMulNBits (4 bits, per-group scales) per weight; activations stay float.",
+)
 @friendly_errors
 def export_onnx_command(
     source: ModelSource,
@@ -48,11 +53,14 @@ def export_onnx_command(
     data: str,
     batch_size: int,
     output: Path,
+    weight_only: bool,
 ) -> None:
     """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
 
     Also writes OUTPUT.json (targets -> ONNX tensors and scales) and OUTPUT.ort_overrides.json
-    (ONNX Runtime's TensorQuantOverrides for quantize_static).
+    (ONNX Runtime's TensorQuantOverrides for quantize_static). With --weight-only, every calibrated
+    MatMul/Gemm weight becomes MatMulNBits (scale file calibrated at 4 bits with --weight-granularity
+    group:G, G a power of two) and only OUTPUT.json is written beside it.
 
     \b
     Example:
@@ -64,6 +72,17 @@ def export_onnx_command(
     from ..export.onnx import export_qdq, ort_overrides
     from ..scales import check_fingerprint, load_scales
 
+    if weight_only:
+        from ..export.matmulnbits import export_matmulnbits
+
+        for path in (output, output.with_suffix(output.suffix + ".json")):
+            check_output(path, [source.path, scales, data])
+        loaded = source.load()
+        table = load_scales(scales)
+        check_fingerprint(table, loaded.module, scales)
+        mapping = export_matmulnbits(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
+        click.echo(f"Wrote {output} ({len(mapping['targets'])} MatMulNBits weights) and {output}.json")
+        return
     overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
     for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
         check_output(path, [source.path, scales, data])
