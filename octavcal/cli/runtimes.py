@@ -94,6 +94,45 @@ def export_onnx_command(
     click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
 
 
+@export_group.command("compressed-tensors")
+@whole_model_options
+@click.option("--scales", required=True, type=click.Path(path_type=Path))
+@click.option("--method", default="octav", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="A new or empty folder.")
+@friendly_errors
+def export_compressed_command(source: ModelSource, scales: Path, method: str, output: Path) -> None:
+    """Write a Hugging Face folder in the compressed-tensors format (what vLLM loads).
+
+    W8A8 when every calibrated Linear has 8-bit weights per channel and an 8-bit input (static
+    per-tensor input scales); W4A16 when every one has 4-bit weights per group (packed int4). Other
+    weights stay float and are listed. Needs the compressed-tensors package.
+
+    \b
+    Example:
+      octavcal calibrate tiny-llama/ --data tokens.safetensors --bits 4 \\
+          --weight-granularity group:32 -o tiny-llama.scales.safetensors
+      octavcal export compressed-tensors tiny-llama/ --scales tiny-llama.scales.safetensors \\
+          -o tiny-llama-w4a16/
+    """
+    from ..export.compressed import export_compressed_tensors
+    from ..files import check_output_folder
+    from ..scales import load_scales
+
+    check_output_folder(output)
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as exc:
+        raise OctavcalError(
+            "compressed-tensors export needs the compressed-tensors package: pip install compressed-tensors."
+        ) from exc
+    loaded = source.load()
+    table = load_scales(scales)
+    result = export_compressed_tensors(loaded, table, method, output)
+    for tid, why in result.left_float.items():
+        click.echo(f"Warning: '{tid}' stays float: {why}.", err=True)
+    click.echo(f"Wrote {output} ({result.scheme}, {len(result.layers)} quantized layers)")
+
+
 @export_group.command("trt-cache")
 @_export_common
 @click.option(
