@@ -28,6 +28,7 @@ from .distributed import SharedWork, share_of, together
 from .errors import CalibrationError, OctavcalWarning, SpecError
 from .graphs import weight_targets
 from .grid import CONVENTIONS, check_bits
+from .groups import check_weight_granularity, weight_granularity
 from .methods import Method, parse_methods
 from .scales import ScaleTable, TargetScales, fingerprint_in_background, provenance
 from .target import Target
@@ -52,6 +53,7 @@ class CalibrationConfig:
     layer_bits: tuple[tuple[str, int | None], ...] = ()
     first_last_bits: int | None = None
     per_channel_weights: bool = True
+    group_size: int | None = None  # per group of input features (needs per_channel_weights)
     mask_padding: bool = True
     convention: str = "runtime"
     strict: bool = False
@@ -71,6 +73,8 @@ class CalibrationConfig:
             raise SpecError(
                 f"Unknown reduction {self.reduction!r}. Expected one of: {', '.join(REDUCTIONS)}."
             )
+        if self.group_size is not None:
+            check_weight_granularity(self.per_channel_weights, self.group_size)
         if self.convention not in CONVENTIONS:
             raise SpecError(
                 f"Unknown grid convention {self.convention!r}. Expected one of: {', '.join(CONVENTIONS)}."
@@ -320,6 +324,7 @@ def _metadata(
         "first_last_bits": config.first_last_bits,
         "layer_bits": [[p, b] for p, b in config.layer_bits],
         "per_channel_weights": config.per_channel_weights,
+        "weight_granularity": weight_granularity(config.per_channel_weights, config.group_size),
         "mask_padding": config.mask_padding,
         "model_format": loaded.format,
         "model_fingerprint": fingerprint,

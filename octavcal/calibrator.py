@@ -25,6 +25,7 @@ from .candidates import (
 from .core import Batch
 from .distributed import SharedWork
 from .errors import CalibrationError, DataError
+from .groups import group_rows, group_shape
 from .methods import Method
 from .reduce import Accumulator, Seen, UnionAccumulator
 from .scales import MethodScales, TargetScales
@@ -240,7 +241,14 @@ def weight_scales(
             f"{weight.numel()} values)."
         )
     kept = target.axis if config.per_channel_weights else None
-    results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
+    group = config.group_size if kept is not None else None
+    if group is not None and kept is not None:  # one row per group: (C * in/G, G), amax back to [C, in/G]
+        rows = group_rows(weight, kept, group, f"Weight '{target.id}' (Parameter '{target.param}')")
+        results = candidates_for(rows, methods, bits, signed=True, axis=0, convention=config.convention)
+        amax_shape = group_shape(list(weight.shape), kept, group)
+        results = {name: (amax.reshape(amax_shape), sec) for name, (amax, sec) in results.items()}
+    else:
+        results = candidates_for(weight, methods, bits, signed=True, axis=kept, convention=config.convention)
     return TargetScales(
         target.module,
         target.role,
@@ -252,4 +260,5 @@ def weight_scales(
         list(weight.shape),
         {name: MethodScales(amax, None, sec) for name, (amax, sec) in results.items()},
         param=target.param,
+        group_size=group,
     )

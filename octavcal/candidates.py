@@ -88,7 +88,8 @@ def in_memory_order(x: torch.Tensor) -> torch.Tensor:
     the order of the values, and flattening the view costs nothing where ``x`` would be copied."""
     if x.is_contiguous() or x.dim() < 2:
         return x
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
+    strides, sizes = x.stride(), x.shape
+    order = sorted(range(x.dim()), key=lambda d: (-strides[d], -sizes[d]))
     y = x.permute(order)
     return y if y.is_contiguous() else x
 

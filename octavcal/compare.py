@@ -27,6 +27,7 @@ from .errors import CalibrationError
 from .findings import AppendixFRow, AppendixGFinding, ComparisonSummary, MethodSummary
 from .graphs import weight_targets
 from .grid import rows_from
+from .groups import group_rows
 from .methods import sweep_mse_curve
 from .metrics import EMPTY_STATS, ErrorStats, error_stats, significant_minima
 from .scales import ScaleTable
@@ -135,14 +136,17 @@ class _Evaluator:
                 continue
             octav = entry.methods.get("octav")
             small_below = float(octav.amax.max()) if octav is not None else None
+            data, axis = x, entry.axis
+            if entry.group_size is not None and entry.axis is not None:  # one row per group, as calibrated
+                data, axis = group_rows(x, entry.axis, entry.group_size), 0
             for name, result in entry.methods.items():
                 key = (tid, bits, name, split)
                 s = error_stats(
-                    x,
-                    result.amax,
+                    data,
+                    result.amax.reshape(-1) if axis is not None else result.amax,
                     entry.bits,  # a target's own width (first/last layers, --layer-bits)
                     signed=entry.signed,
-                    axis=entry.axis,
+                    axis=axis,
                     convention=table.convention,  # type: ignore[arg-type]
                     small_below=small_below,
                 )  # type: ignore[arg-type]

@@ -119,10 +119,10 @@ def top_magnitudes(a: torch.Tensor, count: int) -> torch.Tensor:
             if kept.size >= count:
                 return torch.from_numpy(np.sort(kept)[::-1][:count].copy())[None]
         else:
-            sample = a[0, ::step]
-            k = min(sample.numel(), 2 * count * sample.numel() // n + 16)
-            threshold = torch.topk(sample, k, sorted=False).values.min()
-            kept_t = a[0][a[0] >= threshold]
+            strided = a[0, ::step]
+            k = min(strided.numel(), 2 * count * strided.numel() // n + 16)
+            cut = torch.topk(strided, k, sorted=False).values.min()
+            kept_t = a[0][a[0] >= cut]
             if kept_t.numel() >= count:
                 return torch.topk(kept_t, count, sorted=True).values[None]
     return torch.topk(a, count, dim=1, sorted=True).values

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from .errors import ScaleFileError
 from .grid import CONVENTIONS, MAX_BITS, MIN_BITS
+from .groups import MAX_GROUP, MIN_GROUP
 
 # Real metadata is a few kB per hundred targets; the limits keep a hostile file from costing
 # memory or recursion (json.loads recurses per nesting level).
@@ -139,6 +140,15 @@ def _axis_fits(check: _Checker, target: dict[str, Any], where: str) -> None:
         check.fail(f"{where}.axis", "is invalid", axis, "Activations are per tensor: expected null")
     if axis is not None and shape and axis >= len(shape):
         check.fail(f"{where}.axis", "is invalid", axis, f"Expected null or an axis of the shape {shape}")
+    group = target.get("group_size")
+    if group is None:
+        return
+    if axis is None or len(shape) != 2:
+        valid = "Per-group scales belong to a 2-D weight with an output axis: expected no group_size"
+        check.fail(f"{where}.group_size", "is invalid", group, valid)
+    if shape[1 - axis] % group:
+        valid = f"Expected a group size that divides the {shape[1 - axis]} input features of {shape}"
+        check.fail(f"{where}.group_size", "is invalid", group, valid)
 
 
 def _integer(value: Any) -> bool:
@@ -155,6 +165,9 @@ BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 SIZE = Rule("an integer >= 0", lambda v: _integer(v) and v >= 0)
 BITS = Rule(f"an integer in {MIN_BITS}..{MAX_BITS}", lambda v: _integer(v) and MIN_BITS <= v <= MAX_BITS)
 STRINGS = Rule("a list of strings", lambda v: isinstance(v, list), item=STRING)
+GROUP_SIZE = Rule(
+    f"an integer in {MIN_GROUP}..{MAX_GROUP}", lambda v: _integer(v) and MIN_GROUP <= v <= MAX_GROUP
+)
 SIZES = Rule("a list of integers >= 0", lambda v: isinstance(v, list), item=SIZE)
 
 TARGET = _object(
@@ -173,6 +186,8 @@ TARGET = _object(
         # Format 2 only; version 1 files have neither.
         "param": (STRING_OR_NULL, False),
         "tied": (STRINGS, False),
+        # Format 3, per-group weights only.
+        "group_size": (GROUP_SIZE, False),
     },
     across=_axis_fits,
 )

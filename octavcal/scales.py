@@ -29,8 +29,9 @@ from .scale_schema import check_schema, parse_metadata, show
 
 FORMAT_NAME = "octavcal.scales"
 # 2: targets are ops on Parameters ('param', 'tied', lower-case op names such as 'linear', 'addmm'),
-# and meta lists the weights left uncovered; version 1 files are still read.
-FORMAT_VERSION = 2
+# and meta lists the weights left uncovered. 3: a weight may be per group ('group_size', amax [C, in/G]).
+# Versions 1 and 2 are still read.
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TargetScales:
     shared_with: str | None = None  # the target whose identical input was computed once
     param: str | None = None  # the Parameter a weight is, or whose op reads this input (format 2)
     tied: list[str] = field(default_factory=list)  # other names of a tied weight (format 2)
+    group_size: int | None = None  # per group: amax [C, in/G] along input features (format 3)
 
     @property
     def id(self) -> str:
@@ -76,6 +78,8 @@ class TargetScales:
 
     def describe(self, convention: str) -> dict[str, Any]:
         grid = self.grid(convention)
+        granularity = "per-tensor" if self.axis is None else "per-channel"
+        group = {} if self.group_size is None else {"group_size": self.group_size}
         return {
             "module": self.module,
             "role": self.role,
@@ -85,7 +89,7 @@ class TargetScales:
             "signed": self.signed,
             "qmin": grid.qmin,
             "qmax": grid.qmax,
-            "granularity": "per-tensor" if self.axis is None else "per-channel",
+            "granularity": granularity if self.group_size is None else "per-group",
             "axis": self.axis,
             "shape": self.shape,
             "masked": self.masked,
@@ -93,7 +97,7 @@ class TargetScales:
             "param": self.param,
             "tied": self.tied,
             "methods": sorted(self.methods),
-        }
+        } | group
 
 
 @dataclass
@@ -298,6 +302,7 @@ def _targets_from(
             shared_with=d["shared_with"],
             param=d.get("param"),
             tied=list(d.get("tied", [])),
+            group_size=d.get("group_size"),
         )
         check = _TensorCheck(path, tid, entry, entry.grid(convention).qmax)
         entry.methods = {method: check.method(method, tensors) for method in d["methods"]}
@@ -336,8 +341,14 @@ class _TensorCheck:
             self.fail(method, f"a wrong {what} dtype", str(t.dtype), "Expected torch.float32")
 
     def check_amax_shape(self, method: str, amax: torch.Tensor) -> None:
-        axis, shape = self.entry.axis, self.entry.shape
-        if axis is None:
+        axis, shape, group = self.entry.axis, self.entry.shape, self.entry.group_size
+        if group is not None and axis is not None:  # the schema checked shape and group size
+            out, inner = shape[axis], shape[1 - axis]
+            expected = (
+                f"Expected [{out}, {inner // group}] (per group of {group} along axis {1 - axis} of {shape})"
+            )
+            fits = list(amax.shape) == [out, inner // group]
+        elif axis is None:
             expected = "Expected [] (per tensor: axis null)"
             fits = amax.dim() == 0
         elif shape:
@@ -356,7 +367,9 @@ class _TensorCheck:
         bad = ~(torch.isfinite(flat) & (flat >= least))
         if bad.any():
             i = int(bad.nonzero()[0])
-            where = f" (channel {i})" if amax.dim() else ""
+            where = f" (channel {i})" if amax.dim() == 1 else ""
+            if amax.dim() == 2:
+                where = " (channel {}, group {})".format(*divmod(i, amax.shape[1]))
             self.fail(
                 method,
                 "an invalid amax",

@@ -13,6 +13,7 @@ from .core import Batch, LoadedModel, as_loaded
 from .errors import SpecError
 from .graphs import weight_targets
 from .grid import Convention, fake_quantize
+from .groups import fake_quantize_groups
 from .offload import offloads
 from .scales import ScaleTable, check_fingerprint
 from .target import Target
@@ -43,9 +44,19 @@ class SimulatedModel(nn.Module):
             cached = self._weights.get(target.id) if target.param else None  # computed weights change
             if cached is None or cached.device != x.device:
                 amax = entry.methods[self.method].amax.to(x.device)
-                cached = fake_quantize(
-                    x, amax, entry.bits, signed=True, axis=entry.axis, convention=self.convention
-                ).contiguous()  # type: ignore[arg-type]
+                if entry.group_size is not None and entry.axis is not None:
+                    cached = fake_quantize_groups(
+                        x,
+                        amax,
+                        entry.bits,
+                        axis=entry.axis,
+                        group_size=entry.group_size,
+                        convention=self.convention,
+                    ).contiguous()
+                else:
+                    cached = fake_quantize(
+                        x, amax, entry.bits, signed=True, axis=entry.axis, convention=self.convention
+                    ).contiguous()  # type: ignore[arg-type]
                 if self._keep:
                     self._weights[target.id] = cached
             return cached

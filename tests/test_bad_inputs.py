@@ -612,12 +612,12 @@ CASES = [
          "Error: Scale file '{tmp}/list.safetensors' has invalid metadata: the top level is invalid: a list of "
          "2 items. Expected an object."),
     Case("scales-newer-version-inspect", "scale file",
-         lambda c: ["inspect", c.edited_scales("v3.safetensors", meta=edit_meta(format_version=3))],
-         "Error: Scale file '{tmp}/v3.safetensors' has format version 3; this octavcal reads up to 2. "
+         lambda c: ["inspect", c.edited_scales("v4.safetensors", meta=edit_meta(format_version=4))],
+         "Error: Scale file '{tmp}/v4.safetensors' has format version 4; this octavcal reads up to 3. "
          "Upgrade octavcal."),
     Case("scales-newer-version-evaluate", "scale file",
-         lambda c: evaluate(c, scales=c.edited_scales("v3.safetensors", meta=edit_meta(format_version=3))),
-         "Error: Scale file '{tmp}/v3.safetensors' has format version 3; this octavcal reads up to 2. "
+         lambda c: evaluate(c, scales=c.edited_scales("v4.safetensors", meta=edit_meta(format_version=4))),
+         "Error: Scale file '{tmp}/v4.safetensors' has format version 4; this octavcal reads up to 3. "
          "Upgrade octavcal."),
     Case("scales-12-bit-export-onnx", "scale file",
          lambda c: export(c, "onnx", scales=c.edited_scales("b12.safetensors", meta=target_bits("fc1:input", 12))),

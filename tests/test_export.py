@@ -195,3 +195,76 @@ def test_matmul_with_a_parameter_operand_is_a_layer_and_keeps_positions(tmp_path
     with torch.no_grad():
         ref = apply_scales(loaded, table, "octav")(x).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def dequantized(inits, dq):
+    """What a weight DequantizeLinear gives, recomputed in NumPy from its integers and scale."""
+    q, scale = inits[dq.input[0]].astype(np.float32), inits[dq.input[1]]
+    attrs = {a.name: a.i for a in dq.attribute}
+    if "block_size" in attrs:
+        scale = np.repeat(scale, attrs["block_size"], axis=attrs["axis"])
+    elif scale.ndim == 1:
+        shape = [1] * q.ndim
+        shape[attrs.get("axis", 1)] = -1
+        scale = scale.reshape(shape)
+    return q * scale
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_four_bit_export_stores_int4_and_dequantizes_to_the_simulated_weights(
+    tmp_path, transformer_paths, group
+):
+    from octavcal.groups import fake_quantize_groups
+
+    loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
+    data = load_data(transformer_paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 32, 2, 0)]
+    skip = (("embed", None),) if group else ()
+    config = CalibrationConfig(bits=4, methods=("octav",), group_size=group, layer_bits=skip)
+    table = octavcal.calibrate(loaded, batches, config)
+    mapping = export_qdq(loaded, table, "octav", batches[0], tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    graph = model.graph
+    assert not [n for n in graph.node if n.name.startswith("octavcal_") and n.op_type == "Clip"]  # Max/Min
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    types = {i.name: i.data_type for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    params = dict(loaded.module.named_parameters())
+    checked = 0
+    for tid, m in mapping["targets"].items():
+        entry = table.targets[tid]
+        dq = producers[nodes[m["onnx_node"]].input[m["input_index"]]]
+        assert dq.op_type == "DequantizeLinear"
+        int4 = onnx.TensorProto.INT4 if entry.signed else onnx.TensorProto.UINT4
+        assert types[dq.input[2]] == int4 and not inits[dq.input[2]].any()
+        if entry.kind != "weight":
+            assert producers[dq.input[0]].op_type == "QuantizeLinear"
+            continue
+        assert types[dq.input[0]] == int4 and np.abs(inits[dq.input[0]]).max() <= 7
+        assert ("block_size" in {a.name for a in dq.attribute}) == (group is not None)
+        w = params[entry.param].detach()
+        amax = entry.methods["octav"].amax
+        if group:
+            simulated = fake_quantize_groups(w, amax, 4, axis=entry.axis, group_size=group)
+        else:
+            simulated = octavcal.fake_quantize(w, amax, 4, axis=entry.axis)
+        got = dequantized(inits, dq)
+        got = got.T if m["axis"] != entry.axis else got  # MatMul holds W^T: the output axis moved
+        np.testing.assert_array_equal(got, simulated.numpy())  # bit for bit
+        checked += 1
+    assert checked >= 8
+
+
+def test_per_group_onnx_export_above_4_bits_is_refused(tmp_path, transformer_paths):
+    loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
+    data = load_data(transformer_paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 32, 1, 0)]
+    config = CalibrationConfig(bits=8, methods=("max",), group_size=16, layer_bits=(("embed", None),))
+    table = octavcal.calibrate(loaded, batches, config)
+    with pytest.raises(
+        SpecError, match=r"^Target '[^']+:weight' has per-group scales at 8 bits \(runtime grid\); "
+    ):
+        export_qdq(loaded, table, "max", batches[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -13,6 +13,7 @@ import octavcal
 from octavcal import CalibrationConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_mlp.scales.safetensors"
+GOLDEN_V2 = GOLDEN.with_name("tiny_mlp.v2.scales.safetensors")  # as octavcal wrote it in format 2; kept
 METHODS = ("octav", "sweep", "max", "p99.9")
 
 
@@ -55,7 +56,18 @@ def test_the_golden_file_is_small_and_complete():
     table = octavcal.load_scales(GOLDEN)
     assert sorted(table.targets) == ["0:input", "0:weight", "2:input", "2:weight"]
     assert all(sorted(e.methods) == sorted(METHODS) for e in table.targets.values())
-    assert table.meta["format_version"] == 2 and table.meta["uncovered"] == []
+    assert table.meta["format_version"] == 3 and table.meta["uncovered"] == []
+    assert table.meta["weight_granularity"] == "channel"
+
+
+def test_the_format_2_golden_file_still_reads_with_the_same_scales():
+    old, new = octavcal.load_scales(GOLDEN_V2), octavcal.load_scales(GOLDEN)
+    assert old.meta["format_version"] == 2 and "weight_granularity" not in old.meta
+    assert sorted(old.targets) == sorted(new.targets)
+    for tid, entry in new.targets.items():
+        assert old.targets[tid].group_size is None and entry.group_size is None
+        for method, scales in entry.methods.items():
+            assert torch.equal(old.targets[tid].methods[method].amax, scales.amax), (tid, method)
 
 
 if __name__ == "__main__":

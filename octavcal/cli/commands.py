@@ -36,6 +36,31 @@ if TYPE_CHECKING:
 # torch, numpy and rich are imported inside the commands, when they run: not for --help.
 
 
+def weight_granularity_option(fn: Any) -> Any:
+    return click.option(
+        "--weight-granularity",
+        metavar="tensor|channel|group:G",
+        help="Weight scales: one per tensor, per output channel, or per group of G input features of each "
+        "output channel (G in 16..1024; convolutions cannot be grouped) [default: channel].",
+    )(fn)
+
+
+def _granularity(spec: str | None, per_tensor_weights: bool = False) -> tuple[bool, int | None]:
+    """--weight-granularity (and --per-tensor-weights) as (per_channel_weights, group_size)."""
+    from ..errors import SpecError
+    from ..groups import parse_granularity
+
+    if spec is None:
+        return not per_tensor_weights, None
+    try:
+        granularity = parse_granularity(spec)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--weight-granularity") from exc
+    if per_tensor_weights and granularity.kind != "tensor":
+        raise click.UsageError(f"--per-tensor-weights contradicts --weight-granularity {spec}.")
+    return granularity.kind != "tensor", granularity.group_size
+
+
 @main.command("calibrate")
 @model_options
 @click.option(
@@ -59,6 +84,7 @@ if TYPE_CHECKING:
 @click.option(
     "--per-tensor-weights", is_flag=True, help="One scalar per weight tensor instead of per output channel."
 )
+@weight_granularity_option
 @click.option(
     "--keep-padding", is_flag=True, help="Include padded positions (attention_mask == 0) in statistics."
 )
@@ -146,6 +172,7 @@ def _calibration_config(
     first_last_8bit: bool,
     methods: str,
     per_tensor_weights: bool,
+    weight_granularity: str | None,
     keep_padding: bool,
     convention: str,
     strict: bool,
@@ -154,12 +181,14 @@ def _calibration_config(
     """calibrate's options as a validated CalibrationConfig (before any file is read)."""
     from ..calibrate import CalibrationConfig, parse_layer_bits
 
+    per_channel, group_size = _granularity(weight_granularity, per_tensor_weights)
     config = CalibrationConfig(
         bits=bits,
         methods=tuple(methods.split(",")),
         layer_bits=tuple(parse_layer_bits(s) for s in layer_bits),
         first_last_bits=8 if first_last_8bit else None,
-        per_channel_weights=not per_tensor_weights,
+        per_channel_weights=per_channel,
+        group_size=group_size,
         mask_padding=not keep_padding,
         convention=convention,
         strict=strict,
@@ -198,6 +227,7 @@ def _calibration_config(
     "--grid", "convention", type=click.Choice(["runtime", "paper"]), default="runtime", show_default=True
 )
 @click.option("--keep-padding", is_flag=True)
+@weight_granularity_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("octavcal-report"), show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots (and their place in report.html).")
 @click.option("--device", help=DEVICE_HELP)
@@ -281,7 +311,13 @@ def compare_command(
 
 
 def _comparison_config(
-    methods: str, bits_list: str, convention: str, keep_padding: bool, curve_points: int, reductions: str
+    methods: str,
+    bits_list: str,
+    convention: str,
+    keep_padding: bool,
+    curve_points: int,
+    reductions: str,
+    weight_granularity: str | None = None,
 ) -> tuple[CalibrationConfig, list[int], tuple[str, ...]]:
     """compare's options as a validated CalibrationConfig and its bit widths (before any file is read)."""
     from ..calibrate import CalibrationConfig
@@ -290,12 +326,15 @@ def _comparison_config(
     if curve_points < 2:
         raise click.BadParameter(f"needs at least 2 points: got {curve_points}", param_hint="--curve-points")
     reduction_list = tuple(dict.fromkeys(r.strip() for r in reductions.split(",") if r.strip()))
+    per_channel, group_size = _granularity(weight_granularity)
     config = CalibrationConfig(
         bits=bits[0],
         methods=tuple(methods.split(",")),
         mask_padding=not keep_padding,
         convention=convention,
         reduction=reduction_list[0] if reduction_list else "",
+        per_channel_weights=per_channel,
+        group_size=group_size,
     )
     for reduction in reduction_list:
         dataclasses.replace(config, reduction=reduction).validate()
@@ -323,6 +362,7 @@ def _comparison_config(
     help="Samples per batch (evaluation and calibration).",
 )
 @click.option("--seed", default=0, show_default=True, type=SEED)
+@weight_granularity_option
 @click.option(
     "--labels",
     "labels_file",
@@ -400,7 +440,12 @@ def evaluate_command(
                     None,
                 )
         if not scale_files:
-            config = CalibrationConfig(methods=tuple(method_list or DEFAULT_METHODS))
+            per_channel, group_size = _granularity(calibration["weight_granularity"])
+            config = CalibrationConfig(
+                methods=tuple(method_list or DEFAULT_METHODS),
+                per_channel_weights=per_channel,
+                group_size=group_size,
+            )
             with progress_bar(not show.tables) as progress:
                 each = calibrate_each(
                     loaded, calib, config, bits, seed=calibration["seed"], progress=progress, group=share

@@ -40,6 +40,11 @@ def _export_common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @export_group.command("onnx")
 @_export_common
+@click.option(
+    "--weight-only",
+    is_flag=True,
+    help="Write ONNX Runtime's MatMulNBits (4 bits, per-group scales) per weight; activations stay float.",
+)
 @friendly_errors
 def export_onnx_command(
     source: ModelSource,
@@ -48,11 +53,14 @@ def export_onnx_command(
     data: str,
     batch_size: int,
     output: Path,
+    weight_only: bool,
 ) -> None:
     """Write an ONNX model with QuantizeLinear/DequantizeLinear at every calibrated target.
 
     Also writes OUTPUT.json (targets -> ONNX tensors and scales) and OUTPUT.ort_overrides.json
-    (ONNX Runtime's TensorQuantOverrides for quantize_static).
+    (ONNX Runtime's TensorQuantOverrides for quantize_static). With --weight-only, every calibrated
+    MatMul/Gemm weight becomes MatMulNBits (scale file calibrated at 4 bits with --weight-granularity
+    group:G, G a power of two) and only OUTPUT.json is written beside it.
 
     \b
     Example:
@@ -64,6 +72,17 @@ def export_onnx_command(
     from ..export.onnx import export_qdq, ort_overrides
     from ..scales import check_fingerprint, load_scales
 
+    if weight_only:
+        from ..export.matmulnbits import export_matmulnbits
+
+        for path in (output, output.with_suffix(output.suffix + ".json")):
+            check_output(path, [source.path, scales, data])
+        loaded = source.load()
+        table = load_scales(scales)
+        check_fingerprint(table, loaded.module, scales)
+        mapping = export_matmulnbits(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
+        click.echo(f"Wrote {output} ({len(mapping['targets'])} MatMulNBits weights) and {output}.json")
+        return
     overrides = output.with_suffix(output.suffix + ".ort_overrides.json")
     for path in (output, output.with_suffix(output.suffix + ".json"), overrides):
         check_output(path, [source.path, scales, data])
@@ -73,6 +92,45 @@ def export_onnx_command(
     mapping = export_qdq(loaded, table, method, first_batch(data, batch_size, 0, "cpu"), output)
     atomic_write(overrides, json.dumps(ort_overrides(table, method, mapping), indent=1))
     click.echo(f"Wrote {output} ({len(mapping['targets'])} quantized targets), {output}.json and {overrides}")
+
+
+@export_group.command("compressed-tensors")
+@whole_model_options
+@click.option("--scales", required=True, type=click.Path(path_type=Path))
+@click.option("--method", default="octav", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="A new or empty folder.")
+@friendly_errors
+def export_compressed_command(source: ModelSource, scales: Path, method: str, output: Path) -> None:
+    """Write a Hugging Face folder in the compressed-tensors format (what vLLM loads).
+
+    W8A8 when every calibrated Linear has 8-bit weights per channel and an 8-bit input (static
+    per-tensor input scales); W4A16 when every one has 4-bit weights per group (packed int4). Other
+    weights stay float and are listed. Needs the compressed-tensors package.
+
+    \b
+    Example:
+      octavcal calibrate tiny-llama/ --data tokens.safetensors --bits 4 \\
+          --weight-granularity group:32 -o tiny-llama.scales.safetensors
+      octavcal export compressed-tensors tiny-llama/ --scales tiny-llama.scales.safetensors \\
+          -o tiny-llama-w4a16/
+    """
+    from ..export.compressed import export_compressed_tensors
+    from ..files import check_output_folder
+    from ..scales import load_scales
+
+    check_output_folder(output)
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as exc:
+        raise OctavcalError(
+            "compressed-tensors export needs the compressed-tensors package: pip install compressed-tensors."
+        ) from exc
+    loaded = source.load()
+    table = load_scales(scales)
+    result = export_compressed_tensors(loaded, table, method, output)
+    for tid, why in result.left_float.items():
+        click.echo(f"Warning: '{tid}' stays float: {why}.", err=True)
+    click.echo(f"Wrote {output} ({result.scheme}, {len(result.layers)} quantized layers)")
 
 
 @export_group.command("trt-cache")

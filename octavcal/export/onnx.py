@@ -26,6 +26,15 @@ from ..errors import LoadError, SpecError
 from ..files import atomic_write
 from ..scales import ScaleTable, TargetScales, check_fingerprint
 from .onnx_locate import OnnxTarget, identity_aliases, locate_targets
+from .onnx_lowbit import (
+    LOWBIT_OPSET,
+    exact_bias,
+    int4_activation,
+    int4_fits,
+    integer_weight,
+    needs_integer_weight,
+    uses_lowbit,
+)
 
 OPSET = 17
 _LAYER_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
@@ -101,12 +110,19 @@ def insert_qdq(model: Any, targets: list[OnnxTarget], table: ScaleTable) -> None
         node, prefix = nodes[t.node], f"octavcal_{k}"
         scale = np.asarray(t.scale, dtype=np.float32)
         chain: list[Any] = []
-        if t.kind == "weight":
+        if needs_integer_weight(t, table):
+            replaced.add(node.input[t.input_index])
+            replaced.update(node.input[2:3])  # a bias exact_bias reroutes
+            chain = integer_weight(graph, node, t, table, prefix) + exact_bias(graph, node, prefix)
+        elif t.kind != "weight" and int4_fits(table.targets[t.target], table.convention):
+            chain = int4_activation(graph, t, table, prefix)
+        elif t.kind == "weight":
             source = _clipped_weight(graph, node, t, prefix, scale * qmax)
             replaced.add(node.input[t.input_index])
+            chain = _quantize_dequantize(graph, t, prefix, source, scale)
         else:
             source, chain = _clip(graph, t, prefix, scale * qmax)
-        chain += _quantize_dequantize(graph, t, prefix, source, scale)
+            chain += _quantize_dequantize(graph, t, prefix, source, scale)
         node.input[t.input_index] = f"{prefix}_dq"
         new_nodes.setdefault(t.node, []).extend(chain)
     ordered = []
@@ -219,6 +235,7 @@ def _mapping(targets: list[OnnxTarget], table: ScaleTable, method: str, inputs: 
                 "bits": t.bits,
                 "signed": t.signed,
                 "axis": t.axis,
+                "group_size": table.targets[t.target].group_size,
                 "scale": t.scale,
                 "onnx_nodes": [],
             },
@@ -234,6 +251,7 @@ def _params(model: LoadedModel) -> dict[str, torch.Tensor]:
 def _float_graph(model: LoadedModel, table: ScaleTable, method: str, batch: Batch) -> tuple[Any, list[str]]:
     """Check the scales fit the model, export it to float ONNX; returns (onnx model, input names)."""
     import onnx
+    import onnx.version_converter
 
     _checked(model, table, method, batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,9 +276,13 @@ def export_qdq(
 ) -> dict[str, Any]:
     """Write a QDQ ONNX model and ``<path>.json`` mapping targets to ONNX tensors; returns the mapping."""
     import onnx
+    import onnx.version_converter
 
     onnx_model, inputs = _float_graph(model, table, method, batch)
     targets = locate_targets(onnx_model.graph, table, method, _params(model))
+    if uses_lowbit(targets, table):  # INT4 types and blocked DequantizeLinear are opset 21
+        onnx_model = onnx.version_converter.convert_version(onnx_model, LOWBIT_OPSET)
+        targets = locate_targets(onnx_model.graph, table, method, _params(model))
     insert_qdq(onnx_model, targets, table)
     onnx.checker.check_model(onnx_model)
     _check_runs(onnx_model)
