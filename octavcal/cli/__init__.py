@@ -8,7 +8,7 @@ from .interrupts import guard_start_up
 
 guard_start_up()  # before the imports below, which a Ctrl-C may interrupt
 
-from . import commands, runtimes  # noqa: E402, F401  (they register their commands on ``main``)
+from . import analysis, commands, runtimes  # noqa: E402, F401  (they register their commands on ``main``)
 from .base import main  # noqa: E402
 
 __all__ = ["main"]

@@ -115,6 +115,30 @@ def parse_bits_list(text: str) -> list[int]:
     return bits
 
 
+def weight_granularity_option(fn: Any) -> Any:
+    return click.option(
+        "--weight-granularity",
+        metavar="tensor|channel|group:G",
+        help="Weight scales: one per tensor, per output channel, or per group of G input features of each "
+        "output channel (G in 16..1024; convolutions cannot be grouped) [default: channel].",
+    )(fn)
+
+
+def parse_weight_granularity(spec: str | None, per_tensor_weights: bool = False) -> tuple[bool, int | None]:
+    """--weight-granularity (and --per-tensor-weights) as (per_channel_weights, group_size)."""
+    from ..groups import parse_granularity
+
+    if spec is None:
+        return not per_tensor_weights, None
+    try:
+        granularity = parse_granularity(spec)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--weight-granularity") from exc
+    if per_tensor_weights and granularity.kind != "tensor":
+        raise click.UsageError(f"--per-tensor-weights contradicts --weight-granularity {spec}.")
+    return granularity.kind != "tensor", granularity.group_size
+
+
 DEVICE_HELP = "cpu or cuda [default: cuda when available]."
 PICKLE_HELP = "Load a pickled nn.Module (runs code from the file: trusted files only)."
 ARCH_HELP = "package.module:callable (or file.py:callable) that builds the module for a state_dict."
