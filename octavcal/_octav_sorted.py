@@ -252,9 +252,7 @@ def _sorted_tails(tail: Tail) -> np.ndarray:
     return padded[:, ::-1].astype(np.float64)
 
 
-def solve_by_tail(
-    rows: torch.Tensor, signed: bool, c: float, floor: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
+def solve_by_tail(rows: torch.Tensor, signed: bool, c: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The exact fixed point of CPU rows (R, n) from one pass that gathers their tails, or None
     (then the iteration runs: it also reports NaN and Inf).
 
@@ -265,16 +263,15 @@ def solve_by_tail(
     """
     work = work_buffer(rows, 2)
     count, n = rows.shape
-    if floor is None:  # else a floor the caller knows (one row: the previous batch's root, lowered)
-        mean = None
-        if count > 1:
-            mean = row_sums(rows, signed, work) / n
-            if not np.isfinite(mean).all():
-                return None
-            mean = np.maximum(mean, np.finfo(np.float64).tiny)
-        floor = _tail_floor(rows, signed, c, mean)
-        if floor is None:
+    mean = None
+    if count > 1:
+        mean = row_sums(rows, signed, work) / n
+        if not np.isfinite(mean).all():
             return None
+        mean = np.maximum(mean, np.finfo(np.float64).tiny)
+    floor = _tail_floor(rows, signed, c, mean)
+    if floor is None:
+        return None
     tail = tail_above(rows, signed, floor, work, ready=count > 1 and rows.numel() <= work.numel())
     if not (np.isfinite(tail.low).all() and np.isfinite(tail.values).all()):
         return None

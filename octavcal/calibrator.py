@@ -19,7 +19,6 @@ from .candidates import (
     activation_candidates,
     candidates_for,
     extremes_of,
-    in_memory_order,
     statistics_threads,
 )
 from .core import Batch
@@ -67,8 +66,6 @@ class Calibrator:
         self.work: SharedWork | None = None  # weights shared out among processes
         # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
         self.seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str, dict[str, Any]]] = {}
-        # Per activation target and grid (signed?), OCTAV's last answer: a floor for the next batch's.
-        self.octav_near: dict[str, dict[bool, float]] = {}
 
     def bits_for(self, target: Target) -> int | None:
         return self.rules.for_target(target)
@@ -114,25 +111,12 @@ class Calibrator:
             x, masked = without_padding(tensor.detach(), self.mask)
             if x.numel() == 0:
                 return
-            x = in_memory_order(x)
             extremes = self._checked(target, x)
             nonnegative = extremes.nonnegative
             # Unsigned stays possible while every batch was non-negative: keep its candidates too.
-            near = self.octav_near.get(target.id)
             results = activation_candidates(
-                x,
-                extremes,
-                self.methods,
-                bits,
-                self.config.convention,
-                unsigned=acc.nonnegative,
-                octav_near=near,
+                x, extremes, self.methods, bits, self.config.convention, unsigned=acc.nonnegative
             )
-            self.octav_near[target.id] = {
-                grid == "signed": float(found["octav"][0])
-                for grid, found in results.items()
-                if "octav" in found
-            }
             self.seen[key] = (
                 weakref.ref(tensor),
                 target.id,

@@ -26,7 +26,7 @@ from .methods import (
     tail_length,
     top_magnitudes,
 )
-from .octav import octav, octav_above, solves_by_sorting
+from .octav import octav
 from .slices import amax_from_rows
 from .sweep import sorted_magnitudes, sweep_rows, sweeps_by_sorting
 
@@ -82,18 +82,6 @@ def candidates_for(
     return out
 
 
-def in_memory_order(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its dimensions permuted into memory order, a contiguous view, when it is a permuted
-    dense tensor (a transposed attention operand); else ``x``. Per-tensor statistics do not depend on
-    the order of the values, and flattening the view costs nothing where ``x`` would be copied."""
-    if x.is_contiguous() or x.dim() < 2:
-        return x
-    strides, sizes = x.stride(), x.shape
-    order = sorted(range(x.dim()), key=lambda d: (-strides[d], -sizes[d]))
-    y = x.permute(order)
-    return y if y.is_contiguous() else x
-
-
 @dataclass
 class Extremes:
     """One pass over an activation: its smallest and largest value."""
@@ -133,40 +121,13 @@ class _Clock:
         return out
 
 
-# A previous answer, lowered by this factor, is a floor under the next batch's root (roots of one
-# target moved by a few percent between batches in the benchmarks' models; a miss costs one pass).
-_NEAR_FLOOR = 0.85
-
-
-def _octav(
-    rows: torch.Tensor, bits: int, signed: bool, convention: Convention, near: float | None
-) -> torch.Tensor:
-    """``octav`` of one row, from a floor under ``near`` where ``octav`` would solve by its tail."""
-    cpu_tail = rows.device.type == "cpu" and bits >= 3 and not solves_by_sorting(rows, None)
-    if near is not None and near > 0 and cpu_tail:
-        root = octav_above(rows, bits, signed, convention, _NEAR_FLOOR * near)
-        if root is not None:
-            value = np.array([root])
-            return amax_from_rows(value, value, None, rows)
-    return octav(rows, bits, signed=signed, convention=convention)
-
-
 def activation_candidates(
-    x: torch.Tensor,
-    extremes: Extremes,
-    methods: list[Method],
-    bits: int,
-    convention: str,
-    *,
-    unsigned: bool,
-    octav_near: dict[bool, float] | None = None,
+    x: torch.Tensor, extremes: Extremes, methods: list[Method], bits: int, convention: str, *, unsigned: bool
 ) -> dict[str, Candidates]:
     """Every method's per-tensor amax of one finite activation on the signed grid, and with
     ``unsigned`` (only for non-negative data) on the unsigned grid too: {'signed': ..., 'unsigned': ...}.
 
     ``extremes``: ``extremes_of(x)``, which the caller has already read (to check the values).
-    ``octav_near``: per grid (signed?), OCTAV's answer on a similar tensor (the previous batch's): a
-    floor under it replaces OCTAV's subsample, with the same exact answer (``octav_above``).
     """
     clock = _Clock()
     names = [m.name for m in methods]
@@ -218,9 +179,7 @@ def activation_candidates(
                 continue
             start = time.perf_counter()
             if m.kind == "octav":
-                amax = _octav(
-                    rows, bits, signed, cast(Convention, convention), (octav_near or {}).get(signed)
-                )
+                amax = octav(rows, bits, signed=signed, convention=cast(Convention, convention))
             else:
                 qmax = qmaxes[signed]
                 use = ordered if ordered is not None and sweeps_by_sorting(mags, qmax) else None

@@ -105,14 +105,24 @@ def check_finite(reduced: torch.Tensor, x: torch.Tensor, what: str) -> None:
         )
 
 
+def _in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dimensions permuted into memory order (a contiguous view) when it is a permuted
+    dense tensor, such as a transposed attention operand; else ``x``."""
+    if x.is_contiguous() or x.dim() < 2:
+        return x
+    strides, sizes = x.stride(), x.shape
+    y = x.permute(sorted(range(x.dim()), key=lambda d: (-strides[d], -sizes[d])))
+    return y if y.is_contiguous() else x
+
+
 def rows_from(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """View ``x`` as (rows, elements): one row per index along ``axis`` (the axis kept), or one row.
 
     Computation dtype: float64 stays float64; everything else is computed in float32.
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if axis is None:
-        return x.reshape(1, -1).to(dtype)
+    if axis is None:  # one row, in memory order: a transposed tensor is not copied
+        return _in_memory_order(x).reshape(1, -1).to(dtype)
     if not -x.dim() <= axis < x.dim():
         raise SpecError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}.")
     return x.movedim(axis, 0).reshape(x.shape[axis], -1).to(dtype)

@@ -146,18 +146,6 @@ def octav(
     return result if return_iterations else result.amax
 
 
-def octav_above(
-    rows: torch.Tensor, bits: int, signed: bool, convention: Convention, floor: float
-) -> float | None:
-    """OCTAV of one finite CPU row (1, n) from the values above ``floor``, a guess under the root (in
-    calibration: the previous batch's answer, lowered), which saves ``octav``'s subsample. The exact
-    fixed point, as ``octav`` finds it by its one-pass tail; None when the root lies below the floor."""
-    c = Grid(bits, signed, convention).noise_coefficient
-    dtype = rows.numpy().dtype
-    solved = solve_by_tail(rows, signed, c, np.array([floor], dtype=dtype))
-    return None if solved is None else float(solved[0][0])
-
-
 def _solve(
     x: torch.Tensor,
     bits: int,

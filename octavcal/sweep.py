@@ -86,6 +86,8 @@ def _sweep_sse(
     rows, n = a.shape
     scale = cand / qmax  # (K, R), float64
     inv = (1.0 / scale).to(a.dtype)
+    if not bool(torch.isfinite(inv).all()):  # steps below float32's range (data near 1e-38): float64
+        a, inv = a.double(), 1.0 / scale
     sse_steps = torch.zeros(cand.shape, dtype=torch.float64, device=a.device)  # in units of step^2
     row_block = max(1, min(rows, _SWEEP_BLOCK // n)) if n < _SWEEP_BLOCK else 1
     col_block = min(n, _SWEEP_BLOCK)

@@ -299,3 +299,13 @@ def test_percentiles_from_a_shared_tail_equal_a_float64_sort():
         for q in (99.9, 99.99, 99.999):
             got = percentile_of_rows(a, q, tail=tail).item()
             assert got == pytest.approx(np.percentile(np.abs(x.double().numpy()), q), rel=1e-12)
+
+
+def test_sweep_of_values_near_float32s_smallest_equals_a_float64_loop():
+    """Data near 1e-39: 1/step overflows float32, so the blocks work in float64 (it used to pick 1% of
+    the max, every MSE non-finite)."""
+    x = torch.rand(3000, generator=torch.Generator().manual_seed(0)) * 1e-39
+    ref_s, _ = numpy_sweep_reference(x.double().numpy(), Grid(8, False).qmax, 100, False)
+    amax, _, mse = mse_sweep(x, 8, return_curve=True)
+    assert torch.isfinite(mse).all()
+    assert amax.item() == pytest.approx(ref_s, rel=1e-6)
