@@ -6,6 +6,7 @@ only those, sorted). The public solver is ``octav.py``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -118,9 +119,9 @@ def solves_by_sorting(x: torch.Tensor, axis: int | None) -> bool:
 # Starting points
 
 
-def _sample_step(x: torch.Tensor) -> int:
-    """The stride of ``_warm_sample``: n/128 values (4K-32K) of one long row, 8K of channels."""
-    rows, n = x.shape
+def sample_step(rows: int, n: int) -> int:
+    """The stride of ``_warm_sample`` in rows (rows, n): n/128 values (4K-32K) of one long row, 8K
+    of channels."""
     # Larger tensors cost more per pass, so a larger (more accurate) sample pays for itself there.
     total = (
         _WARM_START_SAMPLE // 4
@@ -140,16 +141,35 @@ def _warm_sample(x: torch.Tensor, signed: bool, mean: np.ndarray | None) -> np.n
     Channels of one tensor tend to share a shape, not a scale; one row needs no ``mean``: the fixed
     point scales with the data.
     """
-    mags = host_magnitudes(x[:, :: _sample_step(x)], signed)
+    mags = host_magnitudes(x[:, :: sample_step(*x.shape)], signed)
     return (mags if mean is None else mags / mean[:, None]).reshape(1, -1)
 
 
-def _sorted_warm_sample(x: torch.Tensor, signed: bool, mean: np.ndarray | None) -> np.ndarray:
-    """``_warm_sample`` in descending order, (N,) float64; one CPU row is sorted in its own dtype."""
-    if mean is not None:
-        return np.sort(_warm_sample(x, signed, mean)[0])[::-1]
-    strided = x.numpy()[0, :: _sample_step(x)]
-    return np.sort(np.abs(strided) if signed else np.maximum(strided, 0))[::-1].astype(np.float64)
+class Sample(NamedTuple):
+    """A strided subsample's largest magnitudes, for ``floor_from_sample``."""
+
+    head: np.ndarray  # its largest values, descending, float64: at least size / 16 of them, or all
+    nnz: int  # its non-zero values
+    size: int  # its values
+    mags: np.ndarray  # all of them, unsorted, for the rare case that needs more than ``head``
+
+
+def _warm_sample_head(x: torch.Tensor, signed: bool, mean: np.ndarray | None) -> Sample:
+    """``_warm_sample`` as a ``Sample``; one CPU row is ordered in its own dtype."""
+    if mean is None:
+        return sample_head(x.numpy()[0, :: sample_step(*x.shape)], signed)
+    return sample_head(_warm_sample(x, signed, mean)[0], True)
+
+
+def sample_head(strided: np.ndarray, signed: bool) -> Sample:
+    """One row's strided subsample as magnitudes (|x|, or max(x, 0) unsigned): the largest
+    sixteenth of them in order (a partition, then a sort of those), and its counts."""
+    mags = np.abs(strided) if signed else np.maximum(strided, 0)
+    size = mags.size
+    keep = min(size, int(size * _TAIL_MAX_FRACTION) + 2)
+    largest = mags if keep == size else np.partition(mags, size - keep)[size - keep :]
+    head = np.sort(largest)[::-1].astype(np.float64)
+    return Sample(head, int(np.count_nonzero(mags)), size, mags)
 
 
 def warm_start(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray | None = None) -> np.ndarray:
@@ -165,32 +185,41 @@ def warm_start(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray | None 
 
 def _tail_floor(x: torch.Tensor, signed: bool, c: float, mean: np.ndarray | None) -> np.ndarray | None:
     """Per row, a floor under eq. (6)'s root with a few percent of the values above it, or None when
-    that tail would be too large to gather (few bits, point masses, non-finite values).
+    that tail would be too large to gather (few bits, point masses, non-finite values)."""
+    floor = floor_from_sample(_warm_sample_head(x, signed, mean), c, x.shape[1], mean)
+    # In x's dtype: NumPy then compares the data with it as it is, without converting the data.
+    return None if floor is None else np.broadcast_to(floor, (x.shape[0],)).astype(x.numpy().dtype)
+
+
+def floor_from_sample(sample: Sample, c: float, n: int, mean: np.ndarray | None) -> np.ndarray | float | None:
+    """``_tail_floor`` from the strided subsample of rows of ``n`` values.
 
     The subsample's own fixed point has k values of it above; over seeds and distributions (Gaussian,
     Laplace, Student-t, softmax, ReLU; 2-8 bits) the full tensor's root lay within 3.3 sqrt(k + 1)
     sample values of it. The floor leaves ``_TAIL_SIGMAS`` of those, plus ``_TAIL_SLACK`` values.
     Channels (``mean``: pooled, as ``_warm_sample``) vary around the pooled count by their own
     sampling noise: their floor leaves ``_CHANNEL_SIGMAS`` of that, counted in the channel.
+    A larger c (a coarser grid) gives a lower root, so a lower (or equal) floor.
     """
-    sample = _sorted_warm_sample(x, signed, mean)  # (N,) descending
-    if sample.size == 0 or not np.isfinite(sample[0]):
+    head, size = sample.head, sample.size
+    if size == 0 or not np.isfinite(head[0]):
         return None
-    size, n = sample.size, x.shape[1]
+    nnz = np.array([sample.nnz])
+    if head.size < size and _count_positive_h(head, np.cumsum(head), c, sample.nnz) >= head.size:
+        # The root lies below the head (its point mass may still leave few values above): all of it
+        head = np.sort(sample.mags)[::-1].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        root = _fixed_point_of_tails(sample[None], c, np.array([np.count_nonzero(sample)]))[0]
-    above = int(np.searchsorted(-sample, -root))  # sample values strictly above the root
+        root = _fixed_point_of_tails(head[None], c, nnz)[0]
+    above = int(np.searchsorted(-head, -root))  # sample values strictly above the root
     rank = above + _TAIL_SIGMAS * math.sqrt(above + 1)
     if mean is None:
         rank += _TAIL_SLACK
     else:
         own = above * n / size  # the values above the root expected in one channel
         rank += (_CHANNEL_SIGMAS * math.sqrt(own + 1) + _CHANNEL_SIGMAS) * size / n
-    if rank > size * _TAIL_MAX_FRACTION or not sample[max(int(rank), 0)] > 0:
+    if rank > size * _TAIL_MAX_FRACTION or not head[max(int(rank), 0)] > 0:
         return None
-    floor = sample[max(int(rank), 0)] * (1.0 if mean is None else mean)
-    # In x's dtype: NumPy then compares the data with it as it is, without converting the data.
-    return np.broadcast_to(floor, (x.shape[0],)).astype(x.numpy().dtype)
+    return head[max(int(rank), 0)] * (1.0 if mean is None else mean)
 
 
 def _fixed_point_of_tails(v: np.ndarray, c: float, nnz: np.ndarray) -> np.ndarray:
@@ -275,13 +304,7 @@ def solve_by_tail(rows: torch.Tensor, signed: bool, c: float) -> tuple[np.ndarra
     tail = tail_above(rows, signed, floor, work, ready=count > 1 and rows.numel() <= work.numel())
     if not (np.isfinite(tail.low).all() and np.isfinite(tail.values).all()):
         return None
-    v, f = _sorted_tails(tail), floor.astype(np.float64)
-    excess = v.sum(axis=1) - tail.counts * f  # E(f)
-    known = (c * f * (tail.nnz - tail.counts) < excess) | (tail.nnz == 0)
-    amax = np.zeros(count)
-    if v.shape[1]:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            amax = np.where(known, _fixed_point_of_tails(v, c, tail.nnz), 0.0)
+    amax, known = solve_sorted_tails(_sorted_tails(tail), floor.astype(np.float64), tail.counts, tail.nnz, c)
     left = np.flatnonzero(~known)
     if left.size:
         if count == 1 or left.size * n > _SORT_LEFT_BELOW:
@@ -292,3 +315,19 @@ def solve_by_tail(rows: torch.Tensor, signed: bool, c: float) -> tuple[np.ndarra
         with np.errstate(divide="ignore", invalid="ignore"):
             amax[left] = _fixed_point_of_tails(whole[:, ::-1].astype(np.float64), c, tail.nnz[left])
     return amax, np.ones(count, dtype=np.int64)
+
+
+def solve_sorted_tails(
+    v: np.ndarray, floor: np.ndarray, counts: np.ndarray, nnz: np.ndarray, c: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. (6)'s root per row from every magnitude above the row's ``floor``: ``v`` (R, K) float64,
+    descending and zero padded (``counts`` (R,) of them real), rows of ``nnz`` non-zero values.
+    Returns (amax (R,), known (R,)): known where h(floor) < 0 proves the root lies in the tail
+    (elsewhere amax is 0 and the caller finds the root another way)."""
+    excess = v.sum(axis=1) - counts * floor  # E(f)
+    known = (c * floor * (nnz - counts) < excess) | (nnz == 0)
+    amax = np.zeros(counts.size)
+    if v.shape[1]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            amax = np.where(known, _fixed_point_of_tails(v, c, nnz), 0.0)
+    return amax, known

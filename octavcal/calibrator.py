@@ -11,14 +11,17 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .bitrules import BitRules
 from .candidates import (
+    Candidates,
     Extremes,
     activation_candidates,
     candidates_for,
     extremes_of,
+    scanned_candidates,
     statistics_threads,
 )
 from .core import Batch
@@ -28,6 +31,7 @@ from .groups import group_rows, group_shape
 from .methods import Method
 from .reduce import Accumulator, Seen, UnionAccumulator
 from .scales import MethodScales, TargetScales
+from .scan import token_runs, valid_segments
 from .target import Target
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ def warm_up(methods: list[Method], config: CalibrationConfig) -> None:
         return
     x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
     activation_candidates(x, extremes_of(x), methods, config.bits, config.convention, unsigned=True)
+    scanned_candidates(x, [x.numpy()], methods, config.bits, config.convention, unsigned=True)
     candidates_for(
         x.reshape(256, -1), methods, config.bits, signed=True, axis=0, convention=config.convention
     )
@@ -62,6 +67,7 @@ class Calibrator:
         self.batch_index = 0
         self.batches_seen = 0
         self.mask: torch.Tensor | None = None
+        self.runs: np.ndarray | None = None  # the mask's runs of valid tokens (``token_runs``)
         self.met: list[Target] = []  # every target the first batch met, in call order
         self.work: SharedWork | None = None  # weights shared out among processes
         # Within one batch, a tensor several layers read (Q, K and V projections) is done once.
@@ -74,6 +80,7 @@ class Calibrator:
         self.seen.clear()
         mask = batch.kwargs.get("attention_mask") if self.config.mask_padding else None
         self.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.runs = token_runs(self.mask) if self.mask is not None else None
 
     def deliver(self, target: Target, tensor: torch.Tensor) -> None:
         if self.batch_index == 0 and self.union_pass < 2:
@@ -108,15 +115,11 @@ class Calibrator:
         if hit is not None:
             results, masked, nonnegative = hit[2]["results"], hit[2]["masked"], hit[2]["nonnegative"]
         else:
-            x, masked = without_padding(tensor.detach(), self.mask)
-            if x.numel() == 0:
-                return
-            extremes = self._checked(target, x)
-            nonnegative = extremes.nonnegative
             # Unsigned stays possible while every batch was non-negative: keep its candidates too.
-            results = activation_candidates(
-                x, extremes, self.methods, bits, self.config.convention, unsigned=acc.nonnegative
-            )
+            found = self._candidates(target, tensor.detach(), bits, unsigned=acc.nonnegative)
+            if found is None:
+                return
+            results, nonnegative, masked = found
             self.seen[key] = (
                 weakref.ref(tensor),
                 target.id,
@@ -136,6 +139,29 @@ class Calibrator:
                 {name: amax for name, (amax, _) in unsigned.items()} if unsigned is not None else None,
             )
         )
+
+    def _candidates(
+        self, target: Target, tensor: torch.Tensor, bits: int, *, unsigned: bool
+    ) -> tuple[dict[str, Candidates], bool, bool] | None:
+        """Every method's candidates for one activation, whether it was non-negative, and whether
+        padding was left out; None when nothing is left once it is. One pass over the valid tokens
+        in place where the methods allow (``scanned_candidates``), else over a padding-free copy."""
+        segments = valid_segments(tensor, self.mask, self.runs)
+        if segments is not None:
+            config = self.config
+            scanned = scanned_candidates(
+                tensor, segments[0], self.methods, bits, config.convention, unsigned=unsigned
+            )
+            if scanned is not None:
+                return scanned[0], scanned[1], segments[1]
+        x, masked = without_padding(tensor, self.mask)
+        if x.numel() == 0:
+            return None
+        extremes = self._checked(target, x)
+        results = activation_candidates(
+            x, extremes, self.methods, bits, self.config.convention, unsigned=unsigned
+        )
+        return results, extremes.nonnegative, masked
 
     def _checked(self, target: Target, x: torch.Tensor) -> Extremes:
         extremes = extremes_of(x)

@@ -9,6 +9,7 @@ and the sweep's errors depend on the grid. The results equal the public methods'
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,15 +19,19 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 
+from ._octav_sorted import floor_from_sample, sample_head, sample_step, solve_sorted_tails
+from .fingerprint import spare_core
 from .grid import Convention, Grid, rows_from
 from .methods import (
     Method,
     compute_amax,
     percentile_of_rows,
+    percentile_of_tails,
     tail_length,
     top_magnitudes,
 )
 from .octav import octav
+from .scan import gather_above, strided_sample
 from .slices import amax_from_rows
 from .sweep import sorted_magnitudes, sweep_rows, sweeps_by_sorting
 
@@ -50,9 +55,11 @@ def statistics_threads(device: torch.device) -> Iterator[None]:
         yield
         return
     torch.set_num_threads(1)
+    spare_core(True)
     try:
         yield
     finally:
+        spare_core(False)
         torch.set_num_threads(threads)
 
 
@@ -187,3 +194,102 @@ def activation_candidates(
             result[m.name] = (_finished(amax, floor), time.perf_counter() - start + shared)
         out["signed" if signed else "unsigned"] = result
     return out
+
+
+# Activations of at least this many values go through one blocked pass (``scan.py``) when no method
+# needs them whole: below it, the fixed costs of the pass outweigh a copy.
+SCAN_MIN = 1 << 16
+
+
+def scanned_candidates(
+    x: torch.Tensor,
+    segments: list[np.ndarray],
+    methods: list[Method],
+    bits: int,
+    convention: str,
+    *,
+    unsigned: bool,
+) -> tuple[dict[str, Candidates], bool] | None:
+    """``activation_candidates`` for methods that read only the extremes and the largest magnitudes
+    (OCTAV, the percentiles, max), from one pass over the activation ``x`` read as ``segments``
+    (``valid_segments``): (candidates, non-negative?), or None where the pass does not settle every
+    method as the public function would (then the caller copies ``x`` and takes the general route;
+    non-finite values among them).
+
+    One floor serves them all: the lowest of OCTAV's on the signed grid (``floor_from_sample``; the
+    unsigned grid's root and floor lie higher) and the percentiles' (their tail's rank in the same
+    strided subsample, with OCTAV's margins).
+    """
+    n = sum(segment.size for segment in segments)
+    if n < SCAN_MIN or any(m.kind not in ("octav", "percentile", "max") for m in methods):
+        return None
+    clock, names = _Clock(), [m.name for m in methods]
+    start = time.perf_counter()
+    strided = strided_sample(segments, sample_step(1, n))
+    sample = sample_head(strided, signed=True)
+    own = {}  # octav()'s own floor on each grid
+    if any(m.kind == "octav" for m in methods):
+        own[True] = floor_from_sample(sample, Grid(bits, True, convention).noise_coefficient, n, None)  # type: ignore[arg-type]
+    floors = list(own.values())
+    for m in methods:
+        if m.kind == "percentile":
+            rank = tail_length(m.q or 0.0, n) * sample.size / n
+            rank += 4.0 * math.sqrt(rank + 1) + 8
+            floors.append(sample.head[int(rank)] if rank < sample.size / 16 else None)
+    if not floors or any(f is None or not f > 0 for f in floors):
+        return None
+    floor = np.float32(min(floors))  # type: ignore[type-var]
+    if not floor > 0:
+        return None
+    seen = gather_above(segments, floor, signed=bool(strided.min() < 0))
+    top = seen.top
+    if not seen.finite or top.size == 0:
+        return None
+    smax = float(top[0])
+    smax_t = torch.tensor([smax], dtype=torch.float64)
+    values = top.astype(np.float64)  # descending, as one row of ``_sorted_tails``
+    clock.charge(names, time.perf_counter() - start)
+
+    nonnegative = seen.nonnegative
+    free: dict[str, torch.Tensor] = {}
+    for m in methods:
+        if m.kind == "max":
+            free[m.name] = amax_from_rows(smax_t, smax_t, None, x)
+        elif m.kind == "percentile":
+            if top.size < tail_length(m.q or 0.0, n):
+                return None
+            value = percentile_of_tails(torch.from_numpy(top[None]), m.q or 0.0, n)
+            free[m.name] = amax_from_rows(value, smax_t, None, x)
+
+    out: dict[str, Candidates] = {}
+    ascending = top[::-1]
+    for signed in [True, False] if unsigned and nonnegative else [True]:
+        floor_g = amax_floor(bits, signed, convention)
+        result: Candidates = {}
+        for m in methods:
+            shared = clock.seconds[m.name] if signed else 0.0  # paid once, with the signed grid
+            if m.name in free:
+                result[m.name] = (_finished(free[m.name], floor_g), shared)
+                continue
+            start = time.perf_counter()
+            c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
+            if signed not in own:
+                own[signed] = floor_from_sample(sample_head(strided, False), c, n, None)
+            # octav()'s own floor for this grid, and below its test that the root lies above it
+            f = np.float32(own[signed]) if own[signed] is not None else None
+            if f is None or not f >= floor:
+                return None
+            count = top.size - int(np.searchsorted(ascending, f, side="right"))
+            amax, known = solve_sorted_tails(
+                values[None, :count],
+                np.array([f], np.float64),
+                np.array([count]),
+                np.array([float(n - seen.zeros)]),
+                c,
+            )
+            if not known[0]:
+                return None
+            amax_t = amax_from_rows(amax, amax, None, x)
+            result[m.name] = (_finished(amax_t, floor_g), time.perf_counter() - start + shared)
+        out["signed" if signed else "unsigned"] = result
+    return out, nonnegative

@@ -88,13 +88,22 @@ def percentile_of_rows(
         v_low = torch.tensor([float(ordered[low])], dtype=torch.float64)
         v_high = torch.tensor([float(ordered[min(low + 1, n - 1)])], dtype=torch.float64)
     elif tail is not None or top <= max(64, n // 8):
-        tail = top_magnitudes(a, top) if tail is None else tail  # descending
-        v_low = tail[:, top - 1]
-        v_high = tail[:, top - 2] if top >= 2 else v_low
+        return percentile_of_tails(top_magnitudes(a, top) if tail is None else tail, q, n)
     else:
         v_low = torch.kthvalue(a, low + 1, dim=1).values
         v_high = torch.kthvalue(a, low + 2, dim=1).values if low + 1 < n else v_low
     return v_low.double() + frac * (v_high.double() - v_low.double())
+
+
+def percentile_of_tails(tail: torch.Tensor, q: float, n: int) -> torch.Tensor:
+    """``percentile_of_rows`` of rows of ``n`` values from their largest values, descending:
+    ``tail`` (R, k), k >= ``tail_length(q, n)``."""
+    pos = q / 100.0 * (n - 1)
+    low = min(math.floor(pos), n - 1)
+    top = n - low
+    v_low = tail[:, top - 1]
+    v_high = tail[:, top - 2] if top >= 2 else v_low
+    return v_low.double() + (pos - low) * (v_high.double() - v_low.double())
 
 
 def top_magnitudes(a: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The scale file format: round trips, determinism, atomic writes, versioning, plain safetensors access."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -365,3 +366,45 @@ def test_deep_or_huge_metadata_is_refused_without_recursion(tmp_path):
         f"Scale file '{path}' has octavcal metadata too large to read: 5000011 characters. "
         "The limit is 4194304."
     )
+
+
+def test_the_recorded_fingerprint_is_an_independent_sha256_of_the_weights(cnn_paths):
+    import hashlib
+
+    table = table_for(cnn_paths)
+    model = load_model(cnn_paths["model"], arch=cnn_paths["arch"]).module
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    assert table.meta["model_fingerprint"] == digest.hexdigest()
+
+
+def test_background_fingerprint_waits_for_a_spare_core_then_hashes_all(monkeypatch):
+    """With torch on every core, the hash runs only while statistics leave one idle; asked for,
+    it finishes at once either way, with the same digest as the plain function."""
+    from octavcal import fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 256))
+    monkeypatch.setattr(fingerprint, "_cores", lambda: torch.get_num_threads())
+    before = set(threading.enumerate())
+    result = fingerprint.fingerprint_in_background(model)
+    (thread,) = set(threading.enumerate()) - before
+    thread.join(0.3)
+    assert thread.is_alive()  # the gate is closed: not one chunk hashed
+    fingerprint.spare_core(True)
+    try:
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        fingerprint.spare_core(False)
+    assert result() == fingerprint.model_fingerprint(model)
+    # Closed again, a new hash still completes when asked for.
+    assert fingerprint.fingerprint_in_background(model)() == fingerprint.model_fingerprint(model)
+    # One nobody asks for (the calibration failed) ends when its caller lets go of it.
+    before = set(threading.enumerate())
+    forgotten = fingerprint.fingerprint_in_background(model)
+    (thread,) = set(threading.enumerate()) - before
+    del forgotten
+    thread.join(10)
+    assert not thread.is_alive()
