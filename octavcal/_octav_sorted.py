@@ -331,3 +331,25 @@ def solve_sorted_tails(
         with np.errstate(divide="ignore", invalid="ignore"):
             amax = np.where(known, _fixed_point_of_tails(v, c, nnz), 0.0)
     return amax, known
+
+
+def solve_from_ascending(
+    rows: torch.Tensor, ascending: np.ndarray, signed: bool, c: float
+) -> np.ndarray | None:
+    """``solve_by_tail``'s answer (R,) for one CPU row (1, n) whose magnitudes a caller holds
+    sorted ascending: its tail is their end (the same values, so the same answer), or None where
+    ``octav`` would not take that route (then the caller runs ``octav``)."""
+    n = ascending.size
+    if solves_by_sorting(rows, None) or rows.device.type != "cpu":
+        return None
+    floor = floor_from_sample(_warm_sample_head(rows, signed, None), c, n, None)
+    if floor is None:
+        return None
+    f = np.asarray(floor, dtype=rows.numpy().dtype)  # as _tail_floor compares it with the data
+    count = n - int(np.searchsorted(ascending, f, side="right"))
+    nnz = n - int(np.searchsorted(ascending, 0, side="right"))
+    values = ascending[n - count :][None, ::-1].astype(np.float64)
+    amax, known = solve_sorted_tails(
+        values, f.astype(np.float64)[None], np.array([count]), np.array([float(nnz)]), c
+    )
+    return amax if known[0] else None

@@ -19,7 +19,13 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 
-from ._octav_sorted import floor_from_sample, sample_head, sample_step, solve_sorted_tails
+from ._octav_sorted import (
+    floor_from_sample,
+    sample_head,
+    sample_step,
+    solve_from_ascending,
+    solve_sorted_tails,
+)
 from .fingerprint import spare_core
 from .grid import Convention, Grid, rows_from
 from .methods import (
@@ -186,7 +192,12 @@ def activation_candidates(
                 continue
             start = time.perf_counter()
             if m.kind == "octav":
-                amax = octav(rows, bits, signed=signed, convention=cast(Convention, convention))
+                c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
+                solved = None if ordered is None else solve_from_ascending(rows, ordered, signed, c)
+                if solved is not None:  # the sweep's sort holds OCTAV's tail
+                    amax = amax_from_rows(solved, solved, None, x)
+                else:
+                    amax = octav(rows, bits, signed=signed, convention=cast(Convention, convention))
             else:
                 qmax = qmaxes[signed]
                 use = ordered if ordered is not None and sweeps_by_sorting(mags, qmax) else None

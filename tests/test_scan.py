@@ -215,3 +215,31 @@ def test_calibration_through_the_scan_equals_the_public_functions_on_the_real_to
             assert torch.equal(got, torch.stack(ref).float()), (name, method)
             checked += 1
     assert checked >= 12 * len(methods)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["gaussian", "laplace", "outliers", "relu", "softmax"])
+def test_octav_read_from_the_sweeps_sort_equals_octav(kind, bits, monkeypatch):
+    """With the sweep, the activation is sorted whole; OCTAV reads its tail from that sort, and
+    still equals octav() bit for bit (here counted: it took that route)."""
+    from octavcal import _octav_sorted
+
+    rng = np.random.default_rng(10 + bits)
+    x = _activation(kind, rng, (4, 64, 300)).reshape(-1, 300)
+    taken = []
+    original = _octav_sorted.solve_from_ascending
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(candidates_module, "solve_from_ascending", spy)
+    methods = parse_methods("octav,sweep,p99.99")
+    results = candidates_module.activation_candidates(
+        x, candidates_module.extremes_of(x), methods, bits, "runtime", unsigned=True
+    )
+    assert taken and all(taken)
+    for grid, candidates in results.items():
+        ref = octavcal.octav(x, bits, signed=grid == "signed").float()
+        assert torch.equal(candidates["octav"][0], ref), (kind, bits, grid)
