@@ -235,14 +235,14 @@ def _fixed_point_of_tails(v: np.ndarray, c: float, nnz: np.ndarray) -> np.ndarra
     rows, width = v.shape
     m = np.asarray(nnz, dtype=np.float64)
     sums = np.cumsum(v, axis=1)  # (R, K): S_{k+1}
-    if rows == 1:  # one long row: a binary search on H costs microseconds
-        above = np.array([_count_positive_h(v[0], sums[0], c, float(m[0]))])
-    else:  # in place: fresh arrays this size cost page faults that outweigh the arithmetic
-        h_low = np.add.outer(c * m, (1 - c) * np.arange(width))  # (R, K): c (m - k) + k
-        h_low *= v
-        h_low -= sums
-        h_low += v  # H_k = v_k (c (m - k) + k) - S_k
-        above = np.count_nonzero(h_low > 0, axis=1)  # (R,): k*
+    if rows == 1:  # one long row: a binary search on H, then the same arithmetic on Python floats
+        return np.array([_fixed_point_of_one_tail(v[0], sums[0], c, float(m[0]))])
+    # in place: fresh arrays this size cost page faults that outweigh the arithmetic
+    h_low = np.add.outer(c * m, (1 - c) * np.arange(width))  # (R, K): c (m - k) + k
+    h_low *= v
+    h_low -= sums
+    h_low += v  # H_k = v_k (c (m - k) + k) - S_k
+    above = np.count_nonzero(h_low > 0, axis=1)  # (R,): k*
     r, prev = np.arange(rows), np.maximum(above - 1, 0)
     has = above > 0
     v_prev = np.where(has, v[r, prev], np.inf)
@@ -251,6 +251,19 @@ def _fixed_point_of_tails(v: np.ndarray, c: float, nnz: np.ndarray) -> np.ndarra
     # H_{k*-1} > c v_{k*-1}, with H_{k*-1} = v_{k*-1} (c (m - k*) + k*) - S_{k*}
     inside = ~has | (v_prev * (c * (m - above) + above) - s_prev > 0)
     return np.where(m > 0, np.where(inside, root, v_prev), 0.0)
+
+
+def _fixed_point_of_one_tail(v: np.ndarray, sums: np.ndarray, c: float, m: float) -> float:
+    """``_fixed_point_of_tails`` of one row (its cumulative ``sums`` given), as its scalar steps:
+    tens of NumPy calls on one-element arrays cost more than the search itself."""
+    if not m > 0:
+        return 0.0
+    above = _count_positive_h(v, sums, c, m)
+    if above == 0:  # (the vectorized form's 0 / (c m))
+        return 0.0
+    v_prev, s_prev = float(v[above - 1]), float(sums[above - 1])
+    scale = c * (m - above) + above
+    return s_prev / scale if v_prev * scale - s_prev > 0 else v_prev
 
 
 def _count_positive_h(v: np.ndarray, sums: np.ndarray, c: float, m: float) -> int:

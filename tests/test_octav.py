@@ -488,3 +488,26 @@ def test_one_pass_tail_reports_nan_and_inf_the_subsample_missed(bad, axis):
     x[17, 1] = bad  # a position the strided subsample does not visit
     with pytest.raises(DataError, match=r"NaN or Inf \(1 of 64000 values\)"):
         octav(x, 4, signed=True, axis=axis)
+
+
+def test_one_tails_scalar_steps_equal_the_vectorized_rows():
+    """``_fixed_point_of_tails`` solves one row with Python floats, several rows with arrays: the
+    same arithmetic, so the same bits, over ties, zeros, heavy tails and every grid's c."""
+    from octavcal import _octav_sorted
+
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        n = int(rng.integers(1, 300))
+        v = [
+            np.abs(rng.standard_normal(n)),
+            rng.integers(0, 4, n).astype(float),
+            np.abs(rng.standard_cauchy(n)),
+            np.zeros(n),
+        ][trial % 4]
+        v = np.sort(v)[::-1].copy()
+        c = float(rng.choice([1 / 12, 1 / 108, 1 / 588, 1 / (12 * 127**2)]))
+        m = float(np.count_nonzero(v) + rng.integers(0, 3) * n)
+        one = _octav_sorted._fixed_point_of_tails(v[None], c, np.array([m]))[0]
+        with np.errstate(invalid="ignore"):
+            rows = _octav_sorted._fixed_point_of_tails(np.stack([v, v]), c, np.array([m, m]))[0]
+        assert one == rows, (trial, one, rows)
