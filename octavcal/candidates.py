@@ -26,7 +26,6 @@ from ._octav_sorted import (
     solve_from_ascending,
     solve_sorted_tails,
 )
-from .fingerprint import spare_core
 from .grid import Convention, Grid, rows_from
 from .methods import (
     Method,
@@ -39,6 +38,7 @@ from .methods import (
 from .octav import octav
 from .scan import gather_above, strided_sample
 from .slices import amax_from_rows
+from .spare import spare_core
 from .sweep import sorted_magnitudes, sweep_rows, sweeps_by_sorting
 
 T = TypeVar("T")

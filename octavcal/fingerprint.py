@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from . import spare
 from .offload import state_tensors
 
 
@@ -33,23 +34,9 @@ def _digest(tensors: Iterable[tuple[str, torch.Tensor]], wait: Callable[[], obje
     return digest.hexdigest()
 
 
-# Bytes hashed between two looks at the gate (``spare_core``): 0.2 ms of sha256 here, the longest the hash can
-# overlap a forward pass that has taken the core back.
-_CHUNK = 1 << 18
-# One event per hash in progress, set while a core is spare (``spare_core``).
-_gates: set[threading.Event] = set()
-_gates_lock = threading.Lock()
-
-
-def spare_core(spare: bool) -> None:
-    """Say that the process computes statistics on one thread where torch would use more
-    (``candidates.statistics_threads``), so a core is idle: fingerprints are hashed there."""
-    with _gates_lock:
-        for gate in _gates:
-            if spare:
-                gate.set()
-            else:
-                gate.clear()
+# Bytes hashed between two looks at the gate (``spare.gate``): 0.05 ms of sha256 here, the longest
+# the hash can overlap a forward pass that has taken the core back.
+_CHUNK = 1 << 16
 
 
 class _Dropped(Exception):
@@ -66,7 +53,7 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
     whose tensors all rest in CPU memory (hashing releases the GIL and reads memory the forward
     pass only reads); returns a function that waits for it. Other models are hashed when asked.
 
-    When torch uses every core, the thread hashes only while ``spare_core`` says one is idle: on 2 cores,
+    When torch uses every core, the thread hashes only while a core is spare (``spare.py``): on 2 cores,
     hashing beside the forward pass slowed it by about 5% (a 200 MB model; measured here).
     """
     tensors = [(n, t) for n, t in sorted(model.state_dict().items()) if isinstance(t, torch.Tensor)]
@@ -74,11 +61,11 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
         return lambda: model_fingerprint(model)
     tensors = [(n, t.contiguous()) for n, t in tensors]  # any copy made here, not beside the forward
     done: list[str | BaseException] = []
-    gate, dropped = threading.Event(), threading.Event()
+    dropped = threading.Event()
     if torch.get_num_threads() >= _cores():
-        with _gates_lock:
-            _gates.add(gate)
+        gate = spare.gate()
     else:  # torch leaves a core to spare all along
+        gate = threading.Event()
         gate.set()
 
     def wait() -> None:
@@ -98,8 +85,7 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
     thread.start()
 
     def release(drop: bool) -> None:
-        with _gates_lock:
-            _gates.discard(gate)
+        spare.drop_gate(gate)
         if drop:
             dropped.set()
         gate.set()

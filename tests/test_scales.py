@@ -383,7 +383,7 @@ def test_the_recorded_fingerprint_is_an_independent_sha256_of_the_weights(cnn_pa
 def test_background_fingerprint_waits_for_a_spare_core_then_hashes_all(monkeypatch):
     """With torch on every core, the hash runs only while statistics leave one idle; asked for,
     it finishes at once either way, with the same digest as the plain function."""
-    from octavcal import fingerprint
+    from octavcal import fingerprint, spare
 
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 256))
     monkeypatch.setattr(fingerprint, "_cores", lambda: torch.get_num_threads())
@@ -392,12 +392,12 @@ def test_background_fingerprint_waits_for_a_spare_core_then_hashes_all(monkeypat
     (thread,) = set(threading.enumerate()) - before
     thread.join(0.3)
     assert thread.is_alive()  # the gate is closed: not one chunk hashed
-    fingerprint.spare_core(True)
+    spare.spare_core(True)
     try:
         thread.join(10)
         assert not thread.is_alive()
     finally:
-        fingerprint.spare_core(False)
+        spare.spare_core(False)
     assert result() == fingerprint.model_fingerprint(model)
     # Closed again, a new hash still completes when asked for.
     assert fingerprint.fingerprint_in_background(model)() == fingerprint.model_fingerprint(model)
