@@ -2,7 +2,8 @@
 
 Two models: a BERT-base-wide encoder built from a config (4 layers, hidden 768, FFN 3072, 12 heads,
 eager attention, random init, offline; batches of 8 x 128 tokens with trailing padding) and the
-shipped digits transformer (its calibration batches). For each, rounds interleave
+shipped digits transformer (its calibration batches). For each, rounds interleave, with the plain
+forward passes timed again between any two jobs,
 
     forward   the N plain forward passes (no grad), the reference
     capture   the same passes with octavcal's capture on and nothing computed
@@ -11,7 +12,8 @@ shipped digits transformer (its calibration batches). For each, rounds interleav
     all six   calibrate() with the default methods
     all six, union   the same with reduction="union" (two passes over the batches)
 
-and report each as the median of per-round ratios to the forward passes of the same round. A last
+and report each as the median over rounds of its ratio to the forward passes timed just before and
+just after it (their mean): this shared machine's speed drifts within a round. A last
 run of the six methods breaks the time down: forward, capture overhead, each method (the seconds the
 scale table records), and the rest (weights' and start-up bookkeeping). Peak memory: the peak
 resident set of a fresh process that runs the plain passes, against one that calibrates.
@@ -146,12 +148,15 @@ def bench(name: str, model_key: str, model: torch.nn.Module, data: list[Any], ro
     seconds: dict[str, list[float]] = {"forward": [], **{k: [] for k in jobs}}
     ratios: dict[str, list[float]] = {k: [] for k in jobs}
     for _ in range(rounds):
-        base, _ = timed(lambda: forward(model, data))
-        seconds["forward"].append(base)
+        before, _ = timed(lambda: forward(model, data))
+        seconds["forward"].append(before)
         for label, job in jobs.items():
             t, _ = timed(lambda job=job: job(model, data))  # type: ignore[misc]
+            after, _ = timed(lambda: forward(model, data))
+            seconds["forward"].append(after)
             seconds[label].append(t)
-            ratios[label].append(t / base)
+            ratios[label].append(t / ((before + after) / 2))  # the forward passes on either side
+            before = after
     t_all, table = timed(lambda: calibrate(DEFAULT_METHODS)(model, data))
     per_method = {m: 0.0 for m in DEFAULT_METHODS}
     for entry in table.targets.values():
