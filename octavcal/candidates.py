@@ -1,10 +1,12 @@
 """Every method's candidate for one tensor, the work the methods have in common done once.
 
-An activation is read once for its extremes (finite? non-negative? its max), once for |x| when it has
-negative values, and at most once more for what the sweep and the percentiles share: the sort of a
-long row, or the largest values. The unsigned grid of non-negative data reuses all of it; only OCTAV
-and the sweep's errors depend on the grid. The results equal the public methods' (``octav``,
-``mse_sweep``, ``percentile``, ``max_scaling``) on the same tensor.
+When the methods read only an activation's extremes and largest magnitudes (OCTAV, the percentiles,
+max), one blocked pass over its valid tokens in place gives all of them (``scanned_candidates``,
+``scan.py``). Otherwise an activation is read once for its extremes (finite? non-negative? its max),
+once for |x| when it has negative values, and at most once more for what the sweep and the percentiles
+share: the sort of a long row (which also holds OCTAV's tail), or the largest values. The unsigned grid
+of non-negative data reuses all of it; only OCTAV and the sweep's errors depend on the grid. The results
+equal the public methods' (``octav``, ``mse_sweep``, ``percentile``, ``max_scaling``) on the same tensor.
 """
 
 from __future__ import annotations
@@ -247,16 +249,19 @@ def scanned_candidates(
             rank = tail_length(m.q or 0.0, n) * sample.size / n
             rank += 4.0 * math.sqrt(rank + 1) + 8
             floors.append(sample.head[int(rank)] if rank < sample.size / 16 else None)
-    if not floors or any(f is None or not f > 0 for f in floors):
+    max_only = not floors  # then the floor is the subsample's largest magnitude: a value of the data
+    if max_only:
+        floors.append(sample.head[0] if sample.size else None)
+    if any(f is None or not f > 0 for f in floors):
         return None
     floor = np.float32(min(floors))  # type: ignore[type-var]
     if not floor > 0:
         return None
     seen = gather_above(segments, floor, signed=bool(strided.min() < 0))
     top = seen.top
-    if not seen.finite or top.size == 0:
+    if not seen.finite or (top.size == 0 and not max_only):
         return None
-    smax = float(top[0])
+    smax = float(top[0]) if top.size else float(floor)  # (no value above the floor: it is the max)
     smax_t = torch.tensor([smax], dtype=torch.float64)
     values = top.astype(np.float64)  # descending, as one row of ``_sorted_tails``
     clock.charge(names, time.perf_counter() - start)

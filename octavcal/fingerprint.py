@@ -38,10 +38,16 @@ def _digest(tensors: Iterable[tuple[str, torch.Tensor]], wait: Callable[[], obje
 # the hash can overlap a forward pass that has taken the core back. Smaller chunks cost more: each
 # one takes the GIL from the statistics twice (64 KB chunks cost them about 0.06 s on a 200 MB model).
 _CHUNK = 1 << 18
+# How often a hash waiting at its gate looks whether its caller has gone.
+_DROPPED_POLL_S = 0.1
 
 
 class _Dropped(Exception):
     """The caller will not ask for the fingerprint."""
+
+
+def _drop(dropped: list[bool]) -> None:
+    dropped[0] = True
 
 
 def _cores() -> int:
@@ -62,7 +68,7 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
         return lambda: model_fingerprint(model)
     tensors = [(n, t.contiguous()) for n, t in tensors]  # any copy made here, not beside the forward
     done: list[str | BaseException] = []
-    dropped = threading.Event()
+    dropped = [False]  # a plain flag: the finalizer below must take no lock
     if torch.get_num_threads() >= _cores():
         gate = spare.gate()
     else:  # torch leaves a core to spare all along
@@ -70,8 +76,9 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
         gate.set()
 
     def wait() -> None:
-        gate.wait()
-        if dropped.is_set():
+        while not dropped[0] and not gate.wait(_DROPPED_POLL_S):
+            pass
+        if dropped[0]:
             raise _Dropped
 
     def work() -> None:
@@ -81,23 +88,22 @@ def fingerprint_in_background(model: nn.Module) -> Callable[[], str]:
             pass
         except BaseException as exc:  # handed to the caller
             done.append(exc)
+        finally:
+            spare.drop_gate(gate)
 
     thread = threading.Thread(target=work, name="octavcal-fingerprint", daemon=True)
     thread.start()
 
-    def release(drop: bool) -> None:
-        spare.drop_gate(gate)
-        if drop:
-            dropped.set()
-        gate.set()
-
     def result() -> str:
-        release(drop=False)  # whatever is left is hashed now
+        spare.drop_gate(gate)
+        gate.set()  # whatever is left is hashed now
         thread.join()
         if isinstance(done[0], BaseException):
             raise done[0]
         return done[0]
 
-    # A caller that never asks (its calibration failed) does not leave the thread waiting.
-    weakref.finalize(result, release, True)
+    # A caller that never asks (its calibration failed) does not leave the thread waiting. The
+    # finalizer takes no lock, not even an Event's: the garbage collector may run it while
+    # ``spare_core`` holds its own lock and that Event's.
+    weakref.finalize(result, _drop, dropped)
     return result

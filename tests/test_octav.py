@@ -490,9 +490,10 @@ def test_one_pass_tail_reports_nan_and_inf_the_subsample_missed(bad, axis):
         octav(x, 4, signed=True, axis=axis)
 
 
-def test_one_tails_scalar_steps_equal_the_vectorized_rows():
-    """``_fixed_point_of_tails`` solves one row with Python floats, several rows with arrays: the
-    same arithmetic, so the same bits, over ties, zeros, heavy tails and every grid's c."""
+def test_one_tail_solved_in_scalar_steps_is_the_exact_fixed_point():
+    """``_fixed_point_of_tails`` solves one row with Python floats: it finds the fixed point that
+    ``_fixed_point_of_rows`` (every interval of the map tested, an independent search) finds, over
+    ties, zeros, heavy tails and every grid's c."""
     from octavcal import _octav_sorted
 
     rng = np.random.default_rng(0)
@@ -506,8 +507,7 @@ def test_one_tails_scalar_steps_equal_the_vectorized_rows():
         ][trial % 4]
         v = np.sort(v)[::-1].copy()
         c = float(rng.choice([1 / 12, 1 / 108, 1 / 588, 1 / (12 * 127**2)]))
-        m = float(np.count_nonzero(v) + rng.integers(0, 3) * n)
-        one = _octav_sorted._fixed_point_of_tails(v[None], c, np.array([m]))[0]
-        with np.errstate(invalid="ignore"):
-            rows = _octav_sorted._fixed_point_of_tails(np.stack([v, v]), c, np.array([m, m]))[0]
-        assert one == rows, (trial, one, rows)
+        one = _octav_sorted._fixed_point_of_tails(v[None], c, np.array([float(np.count_nonzero(v))]))[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            every = _octav_sorted._fixed_point_of_rows(v[None], c)[0]
+        assert one == pytest.approx(every, rel=1e-12, abs=0), (trial, one, every)
