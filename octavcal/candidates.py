@@ -183,6 +183,34 @@ def activation_candidates(
         free[m.name] = amax_from_rows(value, smax_t, None, x)
         clock.charge([m.name], time.perf_counter() - start)
 
+    def solve(m: Method, signed: bool) -> torch.Tensor:
+        if m.kind == "octav":
+            c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
+            solved = None if ordered is None else solve_from_ascending(rows, ordered, signed, c)
+            if solved is not None:  # the sweep's sort holds OCTAV's tail
+                return amax_from_rows(solved, solved, None, x)
+            return octav(rows, bits, signed=signed, convention=cast(Convention, convention))
+        qmax = qmaxes[signed]
+        use = ordered if ordered is not None and sweeps_by_sorting(mags, qmax) else None
+        return amax_from_rows(sweep_rows(mags, smax_t, qmax, ordered=use)[0], smax_t, None, x)
+
+    out = _on_grids(grids, methods, free, clock, bits, convention, solve)
+    assert out is not None  # (solve always answers here)
+    return out
+
+
+def _on_grids(
+    grids: list[bool],
+    methods: list[Method],
+    free: dict[str, torch.Tensor],
+    clock: _Clock,
+    bits: int,
+    convention: str,
+    solve: Callable[[Method, bool], torch.Tensor | None],
+) -> dict[str, Candidates] | None:
+    """Every method's candidate on each grid: the grid-free ones from ``free`` (the work they share
+    charged with the signed grid), the others from ``solve(method, signed)``; None as soon as
+    ``solve`` gives None."""
     out: dict[str, Candidates] = {}
     for signed in grids:
         floor = amax_floor(bits, signed, convention)
@@ -193,17 +221,9 @@ def activation_candidates(
                 result[m.name] = (_finished(free[m.name], floor), shared)
                 continue
             start = time.perf_counter()
-            if m.kind == "octav":
-                c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
-                solved = None if ordered is None else solve_from_ascending(rows, ordered, signed, c)
-                if solved is not None:  # the sweep's sort holds OCTAV's tail
-                    amax = amax_from_rows(solved, solved, None, x)
-                else:
-                    amax = octav(rows, bits, signed=signed, convention=cast(Convention, convention))
-            else:
-                qmax = qmaxes[signed]
-                use = ordered if ordered is not None and sweeps_by_sorting(mags, qmax) else None
-                amax = amax_from_rows(sweep_rows(mags, smax_t, qmax, ordered=use)[0], smax_t, None, x)
+            amax = solve(m, signed)
+            if amax is None:
+                return None
             result[m.name] = (_finished(amax, floor), time.perf_counter() - start + shared)
         out["signed" if signed else "unsigned"] = result
     return out
@@ -277,35 +297,28 @@ def scanned_candidates(
             value = percentile_of_tails(torch.from_numpy(top[None]), m.q or 0.0, n)
             free[m.name] = amax_from_rows(value, smax_t, None, x)
 
-    out: dict[str, Candidates] = {}
     ascending = top[::-1]
-    for signed in [True, False] if unsigned and nonnegative else [True]:
-        floor_g = amax_floor(bits, signed, convention)
-        result: Candidates = {}
-        for m in methods:
-            shared = clock.seconds[m.name] if signed else 0.0  # paid once, with the signed grid
-            if m.name in free:
-                result[m.name] = (_finished(free[m.name], floor_g), shared)
-                continue
-            start = time.perf_counter()
-            c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
-            if signed not in own:
-                own[signed] = floor_from_sample(sample_head(strided, False), c, n, None)
-            # octav()'s own floor for this grid, and below its test that the root lies above it
-            f = np.float32(own[signed]) if own[signed] is not None else None
-            if f is None or not f >= floor:
-                return None
-            count = top.size - int(np.searchsorted(ascending, f, side="right"))
-            amax, known = solve_sorted_tails(
-                values[None, :count],
-                np.array([f], np.float64),
-                np.array([count]),
-                np.array([float(n - seen.zeros)]),
-                c,
-            )
-            if not known[0]:
-                return None
-            amax_t = amax_from_rows(amax, amax, None, x)
-            result[m.name] = (_finished(amax_t, floor_g), time.perf_counter() - start + shared)
-        out["signed" if signed else "unsigned"] = result
+
+    def solve(m: Method, signed: bool) -> torch.Tensor | None:  # OCTAV, from the one tail
+        c = Grid(bits, signed, convention).noise_coefficient  # type: ignore[arg-type]
+        if signed not in own:
+            own[signed] = floor_from_sample(sample_head(strided, False), c, n, None)
+        # octav()'s own floor for this grid, and below its test that the root lies above it
+        f = np.float32(own[signed]) if own[signed] is not None else None
+        if f is None or not f >= floor:
+            return None
+        count = top.size - int(np.searchsorted(ascending, f, side="right"))
+        amax, known = solve_sorted_tails(
+            values[None, :count],
+            np.array([f], np.float64),
+            np.array([count]),
+            np.array([float(n - seen.zeros)]),
+            c,
+        )
+        return amax_from_rows(amax, amax, None, x) if known[0] else None
+
+    grids = [True, False] if unsigned and nonnegative else [True]
+    out = _on_grids(grids, methods, free, clock, bits, convention, solve)
+    if out is None:
+        return None
     return out, nonnegative
