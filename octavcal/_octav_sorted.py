@@ -112,7 +112,12 @@ def host_magnitudes(x: torch.Tensor, signed: bool) -> np.ndarray:
 def solves_by_sorting(x: torch.Tensor, axis: int | None) -> bool:
     """Whether ``octav(x, axis=axis)`` with ``init="auto"`` solves by one sort rather than iterating."""
     row = x.numel() if axis is None or x.numel() == 0 else x.numel() // x.shape[axis]
-    return x.numel() <= _SORT_BELOW and row <= _SORT_ROW_BELOW
+    return sorts(x.numel(), row)
+
+
+def sorts(numel: int, row: int) -> bool:
+    """``solves_by_sorting`` for a tensor of ``numel`` values in rows of ``row``."""
+    return numel <= _SORT_BELOW and row <= _SORT_ROW_BELOW
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ._octav_sorted import (
     sample_step,
     solve_from_ascending,
     solve_sorted_tails,
+    sorts,
 )
 from .grid import Convention, Grid, rows_from
 from .methods import (
@@ -256,6 +257,8 @@ def scanned_candidates(
     n = sum(segment.size for segment in segments)
     if n < SCAN_MIN or any(m.kind not in ("octav", "percentile", "max") for m in methods):
         return None
+    if sorts(n, n) and any(m.kind == "octav" for m in methods):
+        return None  # octav() solves these by one sort, not from a tail
     clock, names = _Clock(), [m.name for m in methods]
     start = time.perf_counter()
     strided = strided_sample(segments, sample_step(1, n))

@@ -746,3 +746,60 @@ def test_each_call_with_a_computed_weight_has_its_own_weight_target():
     )
     (row,) = evaluate(model, [table], [x], ["max"])
     assert row.sqnr_db > 35
+
+
+@pytest.mark.parametrize("family", ["BERT", "GPT-2", "LLaMA"])
+def test_the_one_pass_route_equals_the_copy_route_on_hugging_face_families(family, monkeypatch):
+    """OCTAV, percentiles and max through the one pass over valid tokens in place (``scan.py``) give
+    the same per-batch candidates, bit for bit, as the route that copies each activation without
+    its padding first, on real architectures: GPT-2's Conv1D (addmm), LLaMA's gated MLP and rotary
+    attention, BERT's padded batches. The models are made wide enough that most activations hold
+    over 4K values (the route needs more than octav()'s sort threshold)."""
+    transformers = pytest.importorskip("transformers")
+    from octavcal import candidates
+
+    transformers.logging.set_verbosity_error()
+    wide = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    config = {
+        "BERT": ("bert", "BertModel", dict(vocab_size=100, **wide)),
+        "GPT-2": ("gpt2", "GPT2LMHeadModel", dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4)),
+        "LLaMA": ("llama", "LlamaForCausalLM", dict(vocab_size=100, num_key_value_heads=2, **wide)),
+    }[family]
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(config[0], **config[2])
+    cfg._attn_implementation = "eager"
+    model = getattr(transformers, config[1])(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        lengths = torch.randint(40, 97, (6,), generator=g)
+        mask = (torch.arange(96)[None, :] < lengths[:, None]).long()
+        batches.append({"input_ids": torch.randint(3, 100, (6, 96), generator=g), "attention_mask": mask})
+    methods = ("octav", "p99.9", "p99.99", "max")
+    taken = []
+    original = candidates.scanned_candidates
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr("octavcal.calibrator.scanned_candidates", spy)
+    monkeypatch.setattr(candidates, "SCAN_MIN", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scanned = octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=methods))
+        assert sum(taken) >= 8, taken
+        monkeypatch.setattr(candidates, "SCAN_MIN", 1 << 62)
+        copied = octavcal.calibrate(model, batches, CalibrationConfig(bits=8, methods=methods))
+    assert scanned.targets.keys() == copied.targets.keys()
+    masked = 0
+    for tid, entry in copied.targets.items():
+        other = scanned.targets[tid]
+        assert (other.signed, other.masked) == (entry.signed, entry.masked), tid
+        masked += entry.masked
+        for name, scales in entry.methods.items():
+            assert torch.equal(other.methods[name].amax, scales.amax), (tid, name)
+            if scales.per_batch is not None:
+                assert torch.equal(other.methods[name].per_batch, scales.per_batch), (tid, name)
+    assert masked > 0
