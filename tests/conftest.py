@@ -29,3 +29,21 @@ def transformer_paths():
         "data": SAMPLES / "digits_transformer.calib.safetensors",
         "heldout": SAMPLES / "digits_transformer.heldout.safetensors",
     }
+
+
+@pytest.fixture
+def scan_routes(monkeypatch):
+    """Record, per activation a calibration offers the one-pass route, whether that route answered
+    (``candidates.scanned_candidates``); the list fills as calibrations run."""
+    from octavcal import candidates
+
+    taken = []
+    original = candidates.scanned_candidates
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr("octavcal.calibrator.scanned_candidates", spy)
+    return taken

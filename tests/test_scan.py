@@ -168,27 +168,18 @@ def test_scanned_candidates_leave_other_cases_to_the_general_route():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_calibration_through_the_scan_equals_the_public_functions_on_the_real_tokens(
-    transformer_paths, monkeypatch, bits
+    transformer_paths, monkeypatch, scan_routes, bits
 ):
     """The sample transformer's activations are small: with the threshold lowered they take the
     one-pass route, padding left out in place. Each per-batch candidate of every Linear input equals
     the public function on that input's real tokens, taken by an independent hook and a boolean index."""
     monkeypatch.setattr(candidates_module, "SCAN_MIN", 1024)
-    scanned = []
-    original = candidates_module.scanned_candidates
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        scanned.append(out is not None)
-        return out
-
-    monkeypatch.setattr("octavcal.calibrator.scanned_candidates", spy)
     loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
     data = load_data(transformer_paths["data"])
     batches = [data.batch(i) for i in plan_batches(data.num_samples, 32, 3, 0)]
     methods = ("octav", "p99.9", "p99.99", "max")
     table = calibrate(loaded, batches, CalibrationConfig(bits=bits, methods=methods))
-    assert sum(scanned) >= 10
+    assert sum(scan_routes) >= 10
 
     seen = {}
     handles = [
@@ -246,3 +237,20 @@ def test_octav_read_from_the_sweeps_sort_equals_octav(kind, bits, monkeypatch):
     for grid, candidates in results.items():
         ref = octavcal.octav(x, bits, signed=grid == "signed").float()
         assert torch.equal(candidates["octav"][0], ref), (kind, bits, grid)
+
+
+def test_nan_on_the_one_pass_route_is_named(transformer_paths, monkeypatch, scan_routes):
+    """A NaN in activations that the one-pass route reads: the route declines, and calibration names
+    the layer and the batch as it does on the copy route (no crash, no NaN scale)."""
+    monkeypatch.setattr(candidates_module, "SCAN_MIN", 1024)
+    loaded = load_model(transformer_paths["model"], arch=transformer_paths["arch"])
+    data = load_data(transformer_paths["data"])
+    batches = [data.batch(i) for i in plan_batches(data.num_samples, 32, 2, 0)]
+    clean = calibrate(loaded, batches, CalibrationConfig(bits=8, methods=("octav", "p99.99")))
+    assert any(scan_routes)  # these activations do take the route when they are finite
+    first = next(m for m in loaded.module.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        first.bias[3] = float("nan")  # every token of its output: the next layers' inputs
+    with pytest.raises(octavcal.DataError, match=r"Activations of '.+' \(.+\) contain NaN or Inf in batch 0"):
+        calibrate(loaded, batches, CalibrationConfig(bits=8, methods=("octav", "p99.99")))
+    assert clean.targets
